@@ -1,0 +1,389 @@
+// Torch-free CPU kernels of the depthwise convolution family.
+//
+// Scheme: channels are processed in blocks of kLanes (16). For each work item (image n,
+// segment, channel block, band of output rows) the needed input rows of the block are packed
+// once into a zero-padded scratch tile laid out [row][col][lane] in the accumulation type. The
+// same microkernel then serves NCHW and NHWC, any stride, dilation and padding, and the
+// transposed direction (backward-input packs grad_out upsampled by the stride and uses the
+// flipped kernel). Accumulators for a whole output row live in an L1-resident row buffer, so
+// the kernel taps stream from L1 whatever the kernel size.
+//
+// Work is split by the caller (the launcher uses at::parallel_for) into ranges of work items;
+// every function here is single-threaded and allocation-free (scratch comes from the caller).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "depthwise_conv2d_params.h"
+
+namespace fusekit::cpu {
+
+constexpr int kLanes = 16;       // channels per block: one AVX-512 fp32 vector
+constexpr int kOutBlock = 8;     // output columns (forward) / taps (backward-weight) held in registers
+
+// ----------------------------------------------------------------------------------------------
+// storage types and conversion to the accumulation type
+// ----------------------------------------------------------------------------------------------
+
+struct bf16_t { uint16_t bits; };  // same layout as at::BFloat16
+struct fp16_t { uint16_t bits; };  // same layout as at::Half
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+inline float to_acc(bf16_t v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_acc(fp16_t v) {
+  _Float16 h;
+  std::memcpy(&h, &v.bits, 2);
+  return static_cast<float>(h);
+}
+
+template <typename T> inline T from_acc(float v);
+template <typename T> inline T from_acc(double v);
+template <> inline float from_acc<float>(float v) { return v; }
+template <> inline double from_acc<double>(double v) { return v; }
+template <> inline bf16_t from_acc<bf16_t>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                                                  // round to nearest even
+  return bf16_t{uint16_t(u >> 16)};
+}
+template <> inline fp16_t from_acc<fp16_t>(float v) {
+  _Float16 h = static_cast<_Float16>(v);
+  fp16_t out;
+  std::memcpy(&out.bits, &h, 2);
+  return out;
+}
+
+template <typename A> struct VecOf;
+template <> struct VecOf<float> { typedef float type __attribute__((vector_size(kLanes * sizeof(float)))); };
+template <> struct VecOf<double> { typedef double type __attribute__((vector_size(kLanes * sizeof(double)))); };
+
+#define FUSEKIT_INLINE inline __attribute__((always_inline))
+
+// ----------------------------------------------------------------------------------------------
+// work decomposition
+// ----------------------------------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+enum class Direction { Forward, BackwardInput, BackwardWeight };
+
+// Geometry of one segment seen as a "forward" convolution from a (virtual) source to a target.
+struct SegmentGeometry {
+  int64_t kh, kw;
+  int64_t src_H, src_W;       // real source sizes (x or grad_out)
+  int64_t up_h, up_w;         // source upsampling (the stride, in backward-input)
+  int64_t off_h, off_w;       // virtual source row/col of tile row/col 0 for target row/col 0
+  int64_t tgt_H, tgt_W;       // target sizes (y or grad_x)
+  int64_t step_h, step_w;     // conv stride over the tile
+  int64_t dil_h, dil_w;
+  bool flip;                  // use the flipped kernel
+};
+
+inline SegmentGeometry segment_geometry(const DepthwiseConv2dParams& p, const DepthwiseSegment& s, Direction d) {
+  SegmentGeometry g{};
+  g.kh = s.kh; g.kw = s.kw; g.dil_h = p.dil_h; g.dil_w = p.dil_w;
+  if (d == Direction::BackwardInput) {
+    g.src_H = p.Ho; g.src_W = p.Wo; g.up_h = p.stride_h; g.up_w = p.stride_w;
+    g.off_h = (s.kh - 1) * p.dil_h - s.pad_top;
+    g.off_w = (s.kw - 1) * p.dil_w - s.pad_left;
+    g.tgt_H = p.H; g.tgt_W = p.W; g.step_h = 1; g.step_w = 1; g.flip = true;
+  } else {
+    g.src_H = p.H; g.src_W = p.W; g.up_h = 1; g.up_w = 1;
+    g.off_h = s.pad_top; g.off_w = s.pad_left;
+    g.tgt_H = p.Ho; g.tgt_W = p.Wo; g.step_h = p.stride_h; g.step_w = p.stride_w; g.flip = false;
+  }
+  return g;
+}
+
+// Tile sizes for a band of `band` target rows.
+inline int64_t tile_rows(const SegmentGeometry& g, int64_t band) {
+  return (band - 1) * g.step_h + (g.kh - 1) * g.dil_h + 1;
+}
+inline int64_t tile_cols(const SegmentGeometry& g) {
+  return (g.tgt_W - 1) * g.step_w + (g.kw - 1) * g.dil_w + 1;
+}
+
+struct Plan {
+  int64_t band = 1;              // target rows per work item
+  int64_t bands = 1;             // bands per (n, channel block)
+  int64_t blocks = 0;            // channel blocks over all segments
+  int64_t items = 0;             // N * blocks * bands
+  int64_t scratch_elems = 0;     // accumulation-type elements of scratch one thread needs
+  int64_t grad_weight_elems = 0; // backward-weight: per-thread accumulator elements (weights + bias)
+};
+
+inline int64_t segment_blocks(const DepthwiseSegment& s) { return ceil_div(s.c_end - s.c_begin, kLanes); }
+
+// Chooses the band height: tiles small enough to stay in L2, and enough items for every thread.
+inline Plan make_plan(const DepthwiseConv2dParams& p, Direction d, int threads, int64_t acc_bytes) {
+  Plan plan;
+  int64_t tgt_H = d == Direction::BackwardInput ? p.H : p.Ho;
+  int64_t max_tile = 0, max_cols = 0, max_taps = 0;
+  for (int s = 0; s < p.num_segments; ++s) {
+    plan.blocks += segment_blocks(p.seg[s]);
+    if (p.seg[s].kh > 0) {
+      plan.grad_weight_elems += (p.seg[s].c_end - p.seg[s].c_begin) * (p.seg[s].kh * p.seg[s].kw + 1);
+      max_taps = std::max(max_taps, p.seg[s].kh * p.seg[s].kw);
+    }
+  }
+  constexpr int64_t kTileBudget = 1 << 20;  // bytes of packed input per item (L2 is >= 1 MiB per core)
+  int64_t band = std::max<int64_t>(tgt_H, 1);
+  auto tile_bytes = [&](int64_t b) {
+    int64_t worst = 0;
+    for (int s = 0; s < p.num_segments; ++s) {
+      if (p.seg[s].kh == 0) continue;
+      SegmentGeometry g = segment_geometry(p, p.seg[s], d);
+      worst = std::max(worst, tile_rows(g, b) * tile_cols(g));
+    }
+    return worst * kLanes * acc_bytes;
+  };
+  while (band > 1 && tile_bytes(band) > kTileBudget) band = ceil_div(band, 2);
+  while (band > 4 && p.N * plan.blocks * ceil_div(tgt_H, band) < 4 * int64_t(threads)) band = ceil_div(band, 2);
+  plan.band = band;
+  plan.bands = ceil_div(tgt_H, band);
+  plan.items = p.N * plan.blocks * plan.bands;
+  for (int s = 0; s < p.num_segments; ++s) {
+    if (p.seg[s].kh == 0) continue;
+    SegmentGeometry g = segment_geometry(p, p.seg[s], d);
+    max_tile = std::max(max_tile, tile_rows(g, band) * tile_cols(g));
+    max_cols = std::max(max_cols, g.tgt_W);
+  }
+  // tile + packed weights + row accumulators (or the packed grad_out band) + alignment slack
+  int64_t second = d == Direction::BackwardWeight ? band * p.Wo : max_cols;
+  plan.scratch_elems = (max_tile + max_taps + second + 4) * kLanes;
+  return plan;
+}
+
+struct ItemIndex { int64_t n; int seg; int64_t c0; int cb; int64_t row0; int64_t rows; };
+
+inline ItemIndex decode_item(const DepthwiseConv2dParams& p, const Plan& plan, int64_t tgt_H, int64_t item) {
+  ItemIndex it{};
+  int64_t band_idx = item % plan.bands;
+  int64_t rest = item / plan.bands;
+  int64_t block = rest % plan.blocks;
+  it.n = rest / plan.blocks;
+  int s = 0;
+  while (block >= segment_blocks(p.seg[s])) block -= segment_blocks(p.seg[s++]);
+  it.seg = s;
+  it.c0 = p.seg[s].c_begin + block * kLanes;
+  it.cb = int(std::min<int64_t>(kLanes, p.seg[s].c_end - it.c0));
+  it.row0 = band_idx * plan.band;
+  it.rows = std::min(plan.band, tgt_H - it.row0);
+  return it;
+}
+
+// ----------------------------------------------------------------------------------------------
+// packing
+// ----------------------------------------------------------------------------------------------
+
+// tile[r][q][lane] = src[n, c0 + lane, v / up_h, u / up_w] with v = vrow0 + r, u = vcol0 + q when
+// v, u are non-negative multiples of the upsampling inside the source, else 0 (also lanes >= cb).
+template <typename T, typename A>
+FUSEKIT_INLINE void pack_tile(A* tile, int64_t rows, int64_t cols, const T* src_nc0, const int64_t* st,
+                              int64_t src_H, int64_t src_W, int64_t up_h, int64_t up_w, int64_t vrow0,
+                              int64_t vcol0, int cb, bool channels_last) {
+  std::memset(tile, 0, sizeof(A) * rows * cols * kLanes);
+  // columns q whose virtual column is a multiple of up_w inside [0, (src_W - 1) * up_w]
+  int64_t q_first = vcol0 >= 0 ? (up_w - vcol0 % up_w) % up_w : -vcol0;
+  int64_t q_end = std::min(cols, (src_W - 1) * up_w - vcol0 + 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t v = vrow0 + r;
+    if (v < 0 || v % up_h != 0 || v / up_h >= src_H) continue;
+    const T* src_row = src_nc0 + (v / up_h) * st[2];
+    A* dst_row = tile + r * cols * kLanes;
+    if (channels_last) {
+      for (int64_t q = q_first; q < q_end; q += up_w) {
+        const T* s = src_row + ((vcol0 + q) / up_w) * st[3];
+        A* d = dst_row + q * kLanes;
+        for (int l = 0; l < cb; ++l) d[l] = to_acc(s[l]);
+      }
+    } else {
+      for (int l = 0; l < cb; ++l) {
+        const T* s = src_row + l * st[1];
+        for (int64_t q = q_first; q < q_end; q += up_w) dst_row[q * kLanes + l] = to_acc(s[((vcol0 + q) / up_w) * st[3]]);
+      }
+    }
+  }
+}
+
+// wt[i][j][lane] = w[c0 + lane - c_begin][i][j] (flipped in both axes when asked), 0 for lanes >= cb.
+template <typename T, typename A>
+FUSEKIT_INLINE void pack_weights(A* wt, const DepthwiseSegment& s, int64_t c0, int cb, bool flip) {
+  const int64_t taps = s.kh * s.kw;
+  std::memset(wt, 0, sizeof(A) * taps * kLanes);
+  const T* w = static_cast<const T*>(s.weight) + (c0 - s.c_begin) * taps;
+  for (int l = 0; l < cb; ++l)
+    for (int64_t t = 0; t < taps; ++t) wt[(flip ? taps - 1 - t : t) * kLanes + l] = to_acc(w[l * taps + t]);
+}
+
+// ----------------------------------------------------------------------------------------------
+// microkernels
+// ----------------------------------------------------------------------------------------------
+
+// acc[wo] += sum_j tile_row[wo * step + j * dil] * wt_row[j] for wo in [0, W): one kernel row.
+template <typename A>
+FUSEKIT_INLINE void accumulate_kernel_row(typename VecOf<A>::type* acc, const A* tile_row, const A* wt_row,
+                                          int64_t W, int64_t kw, int64_t step, int64_t dil) {
+  using vec = typename VecOf<A>::type;
+  const vec* x = reinterpret_cast<const vec*>(tile_row);
+  const vec* w = reinterpret_cast<const vec*>(wt_row);
+  int64_t wo = 0;
+  for (; wo + kOutBlock <= W; wo += kOutBlock) {
+    vec a[kOutBlock];
+    for (int t = 0; t < kOutBlock; ++t) a[t] = acc[wo + t];
+    for (int64_t j = 0; j < kw; ++j) {
+      const vec wj = w[j];
+      const vec* xj = x + wo * step + j * dil;
+      for (int t = 0; t < kOutBlock; ++t) a[t] += xj[t * step] * wj;
+    }
+    for (int t = 0; t < kOutBlock; ++t) acc[wo + t] = a[t];
+  }
+  for (; wo < W; ++wo) {
+    vec a = acc[wo];
+    for (int64_t j = 0; j < kw; ++j) a += x[wo * step + j * dil] * w[j];
+    acc[wo] = a;
+  }
+}
+
+// Forward / backward-input of one work item of a convolution segment.
+template <typename T, typename A>
+FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeometry& g, const DepthwiseSegment& s,
+                              const ItemIndex& it, const T* src, const int64_t* src_st, T* dst,
+                              const int64_t* dst_st, bool use_bias, A* scratch) {
+  using vec = typename VecOf<A>::type;
+  const int64_t rows = tile_rows(g, it.rows), cols = tile_cols(g);
+  A* tile = scratch;
+  A* wt = tile + rows * cols * kLanes;
+  vec* acc = reinterpret_cast<vec*>(wt + g.kh * g.kw * kLanes);
+  pack_tile(tile, rows, cols, src + it.n * src_st[0] + it.c0 * src_st[1], src_st, g.src_H, g.src_W, g.up_h, g.up_w,
+            it.row0 * g.step_h - g.off_h, -g.off_w, it.cb, p.channels_last);
+  pack_weights<T>(wt, s, it.c0, it.cb, g.flip);
+  vec bias{};
+  if (use_bias && s.bias != nullptr) {
+    A b[kLanes] = {};
+    for (int l = 0; l < it.cb; ++l) b[l] = to_acc(static_cast<const T*>(s.bias)[it.c0 - s.c_begin + l]);
+    std::memcpy(&bias, b, sizeof(b));
+  }
+  T* dst_nc0 = dst + it.n * dst_st[0] + it.c0 * dst_st[1];
+  for (int64_t r = 0; r < it.rows; ++r) {
+    for (int64_t wo = 0; wo < g.tgt_W; ++wo) acc[wo] = bias;
+    for (int64_t i = 0; i < g.kh; ++i)
+      accumulate_kernel_row<A>(acc, tile + (r * g.step_h + i * g.dil_h) * cols * kLanes, wt + i * g.kw * kLanes,
+                               g.tgt_W, g.kw, g.step_w, g.dil_w);
+    T* out_row = dst_nc0 + (it.row0 + r) * dst_st[2];
+    const A* a = reinterpret_cast<const A*>(acc);
+    if (p.channels_last) {
+      for (int64_t wo = 0; wo < g.tgt_W; ++wo)
+        for (int l = 0; l < it.cb; ++l) out_row[wo * dst_st[3] + l] = from_acc<T>(a[wo * kLanes + l]);
+    } else {
+      for (int l = 0; l < it.cb; ++l)
+        for (int64_t wo = 0; wo < g.tgt_W; ++wo) out_row[l * dst_st[1] + wo * dst_st[3]] = from_acc<T>(a[wo * kLanes + l]);
+    }
+  }
+}
+
+// Identity segment: copy rows [row0, row0 + rows) of channels [c0, c0 + cb).
+template <typename T>
+FUSEKIT_INLINE void copy_item(const ItemIndex& it, int64_t W, const T* src, const int64_t* src_st, T* dst,
+                              const int64_t* dst_st) {
+  for (int64_t r = it.row0; r < it.row0 + it.rows; ++r)
+    for (int l = 0; l < it.cb; ++l)
+      for (int64_t w = 0; w < W; ++w)
+        dst[it.n * dst_st[0] + (it.c0 + l) * dst_st[1] + r * dst_st[2] + w * dst_st[3]] =
+            src[it.n * src_st[0] + (it.c0 + l) * src_st[1] + r * src_st[2] + w * src_st[3]];
+}
+
+// Forward (Direction::Forward) or backward-input (Direction::BackwardInput) over items [begin, end).
+// Forward: src = x (in_stride), dst = y (out_stride). Backward-input: src = grad_y, dst = grad_x.
+template <typename T>
+FUSEKIT_INLINE void conv_items(const DepthwiseConv2dParams& p, const Plan& plan, Direction d, const T* src, T* dst,
+                               int64_t begin, int64_t end, typename AccOf<T>::type* scratch) {
+  using A = typename AccOf<T>::type;
+  const bool fwd = d == Direction::Forward;
+  const int64_t* src_st = fwd ? p.in_stride : p.out_stride;
+  const int64_t* dst_st = fwd ? p.out_stride : p.in_stride;
+  const int64_t tgt_H = fwd ? p.Ho : p.H;
+  for (int64_t item = begin; item < end; ++item) {
+    const ItemIndex it = decode_item(p, plan, tgt_H, item);
+    const DepthwiseSegment& s = p.seg[it.seg];
+    if (s.kh == 0) {
+      copy_item(it, fwd ? p.Wo : p.W, src, src_st, dst, dst_st);
+      continue;
+    }
+    conv_item<T, A>(p, segment_geometry(p, s, d), s, it, src, src_st, dst, dst_st, fwd, scratch);
+  }
+}
+
+// Backward-weight over items [begin, end): grad_acc (plan.grad_weight_elems, laid out per
+// segment as [channels][kh*kw] weights then [channels] bias) receives += contributions.
+template <typename T>
+FUSEKIT_INLINE void backward_weight_items(const DepthwiseConv2dParams& p, const Plan& plan, const T* grad_out,
+                                          const T* in, int64_t begin, int64_t end, typename AccOf<T>::type* scratch,
+                                          typename AccOf<T>::type* grad_acc) {
+  using A = typename AccOf<T>::type;
+  using vec = typename VecOf<A>::type;
+  for (int64_t item = begin; item < end; ++item) {
+    const ItemIndex it = decode_item(p, plan, p.Ho, item);
+    const DepthwiseSegment& s = p.seg[it.seg];
+    if (s.kh == 0) continue;
+    const SegmentGeometry g = segment_geometry(p, s, Direction::Forward);
+    const int64_t rows = tile_rows(g, it.rows), cols = tile_cols(g);
+    A* tile = scratch;
+    A* gtile = tile + rows * cols * kLanes;
+    pack_tile(tile, rows, cols, in + it.n * p.in_stride[0] + it.c0 * p.in_stride[1], p.in_stride, p.H, p.W, 1, 1,
+              it.row0 * p.stride_h - s.pad_top, -s.pad_left, it.cb, p.channels_last);
+    pack_tile(gtile, it.rows, p.Wo, grad_out + it.n * p.out_stride[0] + it.c0 * p.out_stride[1], p.out_stride, p.Ho,
+              p.Wo, 1, 1, it.row0, 0, it.cb, p.channels_last);
+    // this segment's slice of the accumulator
+    int64_t offset = 0;
+    for (int k = 0; k < it.seg; ++k)
+      if (p.seg[k].kh > 0) offset += (p.seg[k].c_end - p.seg[k].c_begin) * (p.seg[k].kh * p.seg[k].kw + 1);
+    const int64_t taps = s.kh * s.kw, cs = s.c_end - s.c_begin;
+    A* gw = grad_acc + offset + (it.c0 - s.c_begin) * taps;
+    A* gb = grad_acc + offset + cs * taps + (it.c0 - s.c_begin);
+    const vec* gv = reinterpret_cast<const vec*>(gtile);
+    const int64_t npix = it.rows * p.Wo;
+    vec bsum{};
+    for (int64_t q = 0; q < npix; ++q) bsum += gv[q];
+    for (int l = 0; l < it.cb; ++l) gb[l] += bsum[l];
+    for (int64_t i = 0; i < s.kh; ++i) {
+      for (int64_t j0 = 0; j0 < s.kw; j0 += kOutBlock) {
+        const int nt = int(std::min<int64_t>(kOutBlock, s.kw - j0));
+        vec a[kOutBlock] = {};
+        for (int64_t r = 0; r < it.rows; ++r) {
+          const vec* x = reinterpret_cast<const vec*>(tile + (r * p.stride_h + i * p.dil_h) * cols * kLanes) + j0 * p.dil_w;
+          const vec* gr = gv + r * p.Wo;
+          if (nt == kOutBlock) {
+            for (int64_t wo = 0; wo < p.Wo; ++wo) {
+              const vec gvo = gr[wo];
+              const vec* xw = x + wo * p.stride_w;
+              for (int t = 0; t < kOutBlock; ++t) a[t] += gvo * xw[t * p.dil_w];
+            }
+          } else {
+            for (int64_t wo = 0; wo < p.Wo; ++wo) {
+              const vec gvo = gr[wo];
+              const vec* xw = x + wo * p.stride_w;
+              for (int t = 0; t < nt; ++t) a[t] += gvo * xw[t * p.dil_w];
+            }
+          }
+        }
+        for (int t = 0; t < nt; ++t)
+          for (int l = 0; l < it.cb; ++l) gw[l * taps + i * s.kw + j0 + t] += a[t][l];
+      }
+    }
+  }
+}
+
+}  // namespace fusekit::cpu

@@ -1,0 +1,18 @@
+"""fusekit: fused CPU, CUDA and Triton kernels with autograd for vision backbones and decoders.
+
+Functional API (``fusekit.depthwise_conv2d`` ...), modules (``fusekit.nn``), backend control
+(``fusekit.use_backend``, ``fusekit.available_backends``) and the benchmark CLI
+(``fusekit-bench`` / ``python -m fusekit.bench``).
+"""
+from .version import __version__
+from .ops import schemas as _schemas  # noqa: F401  (op schemas first, then the C++ kernels)
+from . import _extension
+from .backends import BACKENDS, BackendError, available_backends, registered_ops, use_backend
+from ._extension import ExtensionUnavailable
+from .ops import depthwise_conv1d, depthwise_conv2d, inception_dwconv2d
+from . import nn  # noqa: E402
+
+__all__ = [
+    "__version__", "BACKENDS", "BackendError", "ExtensionUnavailable", "available_backends",
+    "registered_ops", "use_backend", "depthwise_conv1d", "depthwise_conv2d", "inception_dwconv2d", "nn",
+]

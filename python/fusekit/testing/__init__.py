@@ -1,0 +1,1 @@
+"""Float64 references, per-dtype tolerances and check helpers shared by tests and benchmarks."""
