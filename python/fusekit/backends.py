@@ -11,7 +11,6 @@ PyTorch itself.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,8 +21,8 @@ BACKENDS = ("cpu", "cuda", "triton", "reference")
 PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 GPU_BACKENDS = ("cuda", "triton")
 
-_default_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "fusekit_default_backend", default=None)
+# a plain module-level stack (not a ContextVar) so torch.compile traces reads of it
+_default_stack: list[str | None] = [None]
 
 
 class BackendError(ValueError):
@@ -41,11 +40,11 @@ def _check_name(name: str | None) -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Use ``name`` for every fusekit op called without an explicit backend inside the block."""
-    token = _default_backend.set(_check_name(name))
+    _default_stack.append(_check_name(name))
     try:
         yield
     finally:
-        _default_backend.reset(token)
+        _default_stack.pop()
 
 
 def _load_verified() -> dict[str, Any]:
@@ -77,7 +76,7 @@ class OpBackends:
     availability: dict[str, Callable[[], str | None]] = field(default_factory=dict)
 
     def select(self, case: Any, device_type: str, requested: str | None) -> str:
-        requested = _check_name(requested) or _default_backend.get()
+        requested = _check_name(requested) or _default_stack[-1]
         if requested is not None:
             why = self.reasons[requested](case)
             if why:

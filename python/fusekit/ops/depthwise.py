@@ -7,6 +7,7 @@ differentiates through the backward ops.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -188,15 +189,12 @@ def _require_triton_device(x: torch.Tensor) -> None:
         raise RuntimeError(f"fusekit Triton kernel: {reason}")
 
 
-def triton_reason(device_type: str) -> str | None:
-    """None when Triton kernels can run on this device type, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+def _triton_reason_now(device_type: str) -> str | None:
+    if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
-            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing fusekit)"
         return None
     if device_type != "cuda":
         return f"Triton kernels do not run on {device_type} tensors"
@@ -205,6 +203,17 @@ def triton_reason(device_type: str) -> str | None:
     if torch.version.hip is not None:
         return "the Triton kernels are tuned and verified for NVIDIA GPUs only"
     return None
+
+
+# Machine facts are fixed once fusekit is imported; computing them here keeps backend selection
+# free of calls torch.compile cannot trace.
+_TRITON_REASON = {d: _triton_reason_now(d) for d in ("cpu", "cuda")}
+_KERNEL_REASON = {key: _extension.missing_reason("depthwise_conv2d", key) for key in ("CPU", "CUDA")}
+
+
+def triton_reason(device_type: str) -> str | None:
+    """None when Triton kernels can run on this device type, else why not."""
+    return _TRITON_REASON.get(device_type, f"Triton kernels do not run on {device_type} tensors")
 
 
 for _name, _fn in (("depthwise_conv2d_triton", _triton_forward),
@@ -271,7 +280,7 @@ def _cpu_reasons(case: DepthwiseCase) -> list[str]:
         why.append(f"the C++ CPU kernels take CPU tensors, got {case.device_type}")
     if case.dtype not in CPU_DTYPES:
         why.append(f"dtype {case.dtype} is not supported on CPU (supported: {CPU_DTYPES})")
-    reason = _extension.missing_reason("depthwise_conv2d", "CPU")
+    reason = _KERNEL_REASON["CPU"]
     if reason:
         why.append(reason)
     return why
@@ -283,7 +292,7 @@ def _cuda_reasons(case: DepthwiseCase) -> list[str]:
         why.append(f"the CUDA kernels take CUDA tensors, got {case.device_type}")
     if case.dtype not in GPU_DTYPES:
         why.append(f"dtype {case.dtype} is not supported by the CUDA kernels")
-    reason = _extension.missing_reason("depthwise_conv2d", "CUDA")
+    reason = _KERNEL_REASON["CUDA"]
     if reason:
         why.append(reason)
     return why
@@ -426,12 +435,16 @@ def check_inception_args(x, w_hw, b_hw, w_w, b_w, w_h, b_h) -> None:
 def inception_dwconv2d_reference_impl(x, w_hw, b_hw, w_w, b_w, w_h, b_h):
     """The four-module PyTorch formulation (split + three convs + cat)."""
     gc = w_hw.shape[0]
+    fmt = out_memory_format(x)
+    if gc == 0:  # every channel is identity
+        return x.clone(memory_format=fmt)
     x_id, x_hw, x_w, x_h = torch.split(x, (x.shape[1] - 3 * gc, gc, gc, gc), dim=1)
     k, band = w_hw.shape[2], w_w.shape[3]
-    return torch.cat((x_id,
-                      F.conv2d(x_hw, w_hw, b_hw, padding=k // 2, groups=gc),
-                      F.conv2d(x_w, w_w, b_w, padding=(0, band // 2), groups=gc),
-                      F.conv2d(x_h, w_h, b_h, padding=(band // 2, 0), groups=gc)), dim=1)
+    out = torch.cat((x_id,
+                     F.conv2d(x_hw, w_hw, b_hw, padding=k // 2, groups=gc),
+                     F.conv2d(x_w, w_w, b_w, padding=(0, band // 2), groups=gc),
+                     F.conv2d(x_h, w_h, b_h, padding=(band // 2, 0), groups=gc)), dim=1)
+    return out.contiguous(memory_format=fmt)
 
 
 def _fake_inception(x, w_hw, b_hw, w_w, b_w, w_h, b_h):

@@ -1,0 +1,51 @@
+"""Seeded random case generators for parity sweeps (shared by tests and benchmarks)."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DepthwiseCase:
+    n: int
+    c: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    channels_last: bool
+    bias: bool
+
+    def out_size(self) -> tuple[int, int]:
+        ho = (self.h + self.padding[0] + self.padding[1] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+        wo = (self.w + self.padding[2] + self.padding[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+        return ho, wo
+
+    def __str__(self) -> str:
+        layout = "cl" if self.channels_last else "nchw"
+        return (f"{self.n}x{self.c}x{self.h}x{self.w}-k{self.kh}x{self.kw}-s{self.stride[0]}{self.stride[1]}"
+                f"-p{''.join(map(str, self.padding))}-d{self.dilation[0]}{self.dilation[1]}-{layout}"
+                f"{'-bias' if self.bias else ''}")
+
+
+def random_depthwise_cases(count: int, seed: int, max_size: int = 16, kernels=(1, 2, 3, 4, 5, 7),
+                           max_stride: int = 3, max_dilation: int = 3, max_pad: int = 4) -> list[DepthwiseCase]:
+    """Cases with odd channel counts, sizes smaller than the kernel, asymmetric padding, both layouts."""
+    rng = random.Random(seed)
+    out: list[DepthwiseCase] = []
+    while len(out) < count:
+        case = DepthwiseCase(
+            n=rng.choice([1, 1, 2, 3]), c=rng.choice([1, 3, 5, 13, 16, 17, 24]),
+            h=rng.randint(1, max_size), w=rng.randint(1, max_size),
+            kh=rng.choice(kernels), kw=rng.choice(kernels),
+            stride=(rng.randint(1, max_stride), rng.randint(1, max_stride)),
+            padding=tuple(rng.randint(0, max_pad) for _ in range(4)),  # type: ignore[arg-type]
+            dilation=(rng.randint(1, max_dilation), rng.randint(1, max_dilation)),
+            channels_last=rng.random() < 0.5, bias=rng.random() < 0.7)
+        ho, wo = case.out_size()
+        if ho >= 1 and wo >= 1:
+            out.append(case)
+    return out
