@@ -146,7 +146,8 @@ def seeded():
 # weight algebra (checked with F.conv2d)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kernel, dilation", [((3, 3), 2), ((5, 5), 3), ((3, 4), (2, 3)), ((1, 7), (4, 2)), ((2, 2), 1)])
+@pytest.mark.parametrize("kernel, dilation", [((3, 3), 2), ((5, 5), 3), ((3, 4), (2, 3)), ((1, 7), (4, 2)),
+                                              ((2, 2), 1)])
 def test_dilated_to_dense_equals_the_dilated_convolution(kernel, dilation):
     torch.manual_seed(21)
     weight = torch.randn(4, 1, *kernel, dtype=torch.float64)

@@ -39,6 +39,8 @@ CUDA_GRAPH_BELOW_MS = 0.05
 # project's 2-core CPU; its gradients go through autograd and cost several times the forward.
 DEFAULT_CHECK_MACS = {"cpu": 6e7, "cuda": 4e9}
 REFERENCE_GRAD_COST = 8.0
+# Exceptions by which fusekit says a backend cannot run a case (not a bug: reported as UNSUPPORTED).
+UNSUPPORTED_ERRORS = ("BackendError", "ExtensionUnavailable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,7 +543,9 @@ def run_item(item: WorkItem, rs: RunSettings, env: Mapping[str, Any], ceilings: 
                 run, results = prepare_call(op, provider, inputs, gy, mode)
                 err, ok, note = check_outputs(op, case, results(), ref, dtype, rs.tolerance)
             except Exception as exc:  # an unsupported case or a crash: reported, never timed
-                row["note"] = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                kind = "UNSUPPORTED" if type(exc).__name__ in UNSUPPORTED_ERRORS else "ERROR"
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                row["note"] = f"{kind} {type(exc).__name__}: {message}"[:300]
                 mode_rows.append(row)
                 continue
             row.update(max_abs_err=err, correct=ok)

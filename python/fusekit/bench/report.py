@@ -31,7 +31,7 @@ def _speedup(v: Any) -> str:
 def _status(row: Mapping[str, Any]) -> str:
     if row["correct"]:
         return "ok"
-    return "ERROR" if row["note"].startswith("ERROR") else "FAILED"
+    return row["note"].split(" ", 1)[0] or "FAILED"   # FAILED, ERROR or UNSUPPORTED
 
 
 def short_key(key: str) -> str:

@@ -119,7 +119,9 @@ def dilated_to_dense(weight: torch.Tensor, dilation: IntOr2) -> torch.Tensor:
     return dense
 
 
-def merge_depthwise_branches(branches: Iterable[tuple[torch.Tensor, torch.Tensor | None, IntOr2]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def merge_depthwise_branches(
+        branches: Iterable[tuple[torch.Tensor, torch.Tensor | None, IntOr2]],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Merge "same"-centered depthwise branches into one dense kernel and bias.
 
     Each branch is (weight [C, 1, kh, kw], bias [C] or None, dilation int or pair). The result
@@ -137,7 +139,8 @@ def merge_depthwise_branches(branches: Iterable[tuple[torch.Tensor, torch.Tensor
             raise ValueError(f"branch {i}: expected (weight, bias, dilation), got {len(branch)} items")
         weight, bias, dilation = branch
         if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] != channels:
-            raise ValueError(f"branch {i}: weight must be [C, 1, kh, kw] with C = {channels}, got {tuple(weight.shape)}")
+            raise ValueError(f"branch {i}: weight must be [C, 1, kh, kw] with C = {channels}, "
+                             f"got {tuple(weight.shape)}")
         if bias is not None and tuple(bias.shape) != (channels,):
             raise ValueError(f"branch {i}: bias must be [C] = [{channels}], got {tuple(bias.shape)}")
         dense.append(dilated_to_dense(weight.detach().to(torch.float64), dilation))
@@ -245,7 +248,8 @@ def reparameterize_dilated_reparam_block(block: nn.Module, backend: str | None =
     ``lk_origin`` alone). The post-block BN of UniRepLKNetBlock is not folded here.
     """
     if getattr(block, "origin_bn", None) is None:
-        raise ValueError(f"{type(block).__name__} has no origin_bn: already re-parameterized or not a DilatedReparamBlock")
+        raise ValueError(f"{type(block).__name__} has no origin_bn: already re-parameterized "
+                         "or not a DilatedReparamBlock")
     pairs = [("lk_origin", "origin_bn")]
     pairs += [(f"dil_conv_k{k}_{r}", f"dil_bn_k{k}_{r}") for k, r in zip(block.kernel_sizes, block.dilates)]
     missing = [n for pair in pairs for n in pair if not hasattr(block, n)]

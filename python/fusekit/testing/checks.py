@@ -40,7 +40,7 @@ def reference_gradients(ref_fn: Callable, inputs: Sequence[torch.Tensor | None],
     leaves = [t.detach().double().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in inputs]
     out = ref_fn(*leaves, *args, **kwargs)
     tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-    grads = iter(torch.autograd.grad(out, tensors, grad_out.double()))
+    grads = iter(torch.autograd.grad(out, tensors, grad_out.double(), allow_unused=True, materialize_grads=True))
     return [next(grads) if isinstance(t, torch.Tensor) else None for t in leaves]
 
 
@@ -50,7 +50,7 @@ def op_gradients(fn: Callable, inputs: Sequence[torch.Tensor | None], grad_out: 
     leaves = [t.detach().clone().requires_grad_(True) if isinstance(t, torch.Tensor) else t for t in inputs]
     out = fn(*leaves, *args, **kwargs)
     tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
-    grads = iter(torch.autograd.grad(out, tensors, grad_out.to(out.dtype)))
+    grads = iter(torch.autograd.grad(out, tensors, grad_out.to(out.dtype), allow_unused=True, materialize_grads=True))
     return out, [next(grads) if isinstance(t, torch.Tensor) else None for t in leaves]
 
 
