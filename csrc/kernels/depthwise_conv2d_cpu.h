@@ -161,7 +161,7 @@ inline Plan make_plan(const DepthwiseConv2dParams& p, Direction d, int threads, 
     max_cols = std::max(max_cols, g.tgt_W);
   }
   // tile + packed weights + row accumulators (or the packed grad_out band) + alignment slack
-  int64_t second = d == Direction::BackwardWeight ? band * p.Wo : max_cols;
+  int64_t second = d == Direction::BackwardWeight ? band * p.Wo : max_cols;  // grad_out band, or row accumulators
   plan.scratch_elems = (max_tile + max_taps + second + 4) * kLanes;
   return plan;
 }
@@ -194,15 +194,27 @@ template <typename T, typename A>
 FUSEKIT_INLINE void pack_tile(A* tile, int64_t rows, int64_t cols, const T* src_nc0, const int64_t* st,
                               int64_t src_H, int64_t src_W, int64_t up_h, int64_t up_w, int64_t vrow0,
                               int64_t vcol0, int cb, bool channels_last) {
-  std::memset(tile, 0, sizeof(A) * rows * cols * kLanes);
   // columns q whose virtual column is a multiple of up_w inside [0, (src_W - 1) * up_w]
   int64_t q_first = vcol0 >= 0 ? (up_w - vcol0 % up_w) % up_w : -vcol0;
   int64_t q_end = std::min(cols, (src_W - 1) * up_w - vcol0 + 1);
+  // Without upsampling and with full lanes, the copy below overwrites the interior: zero only
+  // the padding border (a full memset costs as much as the copy at small kernels).
+  const bool dense = up_h == 1 && up_w == 1 && cb == kLanes;
+  if (!dense) std::memset(tile, 0, sizeof(A) * rows * cols * kLanes);
   for (int64_t r = 0; r < rows; ++r) {
     int64_t v = vrow0 + r;
-    if (v < 0 || v % up_h != 0 || v / up_h >= src_H) continue;
-    const T* src_row = src_nc0 + (v / up_h) * st[2];
     A* dst_row = tile + r * cols * kLanes;
+    const bool valid = v >= 0 && v % up_h == 0 && v / up_h < src_H;
+    if (dense) {
+      if (!valid || q_end <= q_first) {
+        std::memset(dst_row, 0, sizeof(A) * cols * kLanes);
+      } else {
+        std::memset(dst_row, 0, sizeof(A) * q_first * kLanes);
+        std::memset(dst_row + q_end * kLanes, 0, sizeof(A) * (cols - q_end) * kLanes);
+      }
+    }
+    if (!valid) continue;
+    const T* src_row = src_nc0 + (v / up_h) * st[2];
     if (channels_last) {
       for (int64_t q = q_first; q < q_end; q += up_w) {
         const T* s = src_row + ((vcol0 + q) / up_w) * st[3];
@@ -232,14 +244,48 @@ FUSEKIT_INLINE void pack_weights(A* wt, const DepthwiseSegment& s, int64_t c0, i
 // microkernels
 // ----------------------------------------------------------------------------------------------
 
+// Unit stride and dilation: output t of a block and tap j read the same input vector x[t + j],
+// so each loaded vector feeds up to J FMAs (T + J - 1 loads of x and J of w per T * J FMAs).
+template <typename vec, int T, int J>
+FUSEKIT_INLINE void fma_block_unit(vec (&a)[T], const vec* x, const vec* w) {
+  vec wr[J];
+  for (int j = 0; j < J; ++j) wr[j] = w[j];
+  for (int m = 0; m < T + J - 1; ++m) {
+    const vec xv = x[m];
+    for (int j = 0; j < J; ++j) {
+      const int t = m - j;
+      if (t >= 0 && t < T) a[t] += xv * wr[j];
+    }
+  }
+}
+
+template <typename vec, int T>
+FUSEKIT_INLINE void kernel_row_block_unit(vec* acc, const vec* x, const vec* w, int64_t kw) {
+  vec a[T];
+  for (int t = 0; t < T; ++t) a[t] = acc[t];
+  int64_t j = 0;
+  for (; j + 4 <= kw; j += 4) fma_block_unit<vec, T, 4>(a, x + j, w + j);
+  if (j + 2 <= kw) { fma_block_unit<vec, T, 2>(a, x + j, w + j); j += 2; }
+  if (j < kw) fma_block_unit<vec, T, 1>(a, x + j, w + j);
+  for (int t = 0; t < T; ++t) acc[t] = a[t];
+}
+
 // acc[wo] += sum_j tile_row[wo * step + j * dil] * wt_row[j] for wo in [0, W): one kernel row.
-template <typename A>
+// Block is the number of outputs held in registers (chosen per ISA by the launcher).
+template <typename A, int Block>
 FUSEKIT_INLINE void accumulate_kernel_row(typename VecOf<A>::type* acc, const A* tile_row, const A* wt_row,
                                           int64_t W, int64_t kw, int64_t step, int64_t dil) {
   using vec = typename VecOf<A>::type;
   const vec* x = reinterpret_cast<const vec*>(tile_row);
   const vec* w = reinterpret_cast<const vec*>(wt_row);
   int64_t wo = 0;
+  if (step == 1 && dil == 1) {
+    for (; wo + Block <= W; wo += Block) kernel_row_block_unit<vec, Block>(acc + wo, x + wo, w, kw);
+    if constexpr (Block > 4)
+      for (; wo + 4 <= W; wo += 4) kernel_row_block_unit<vec, 4>(acc + wo, x + wo, w, kw);
+    for (; wo < W; ++wo) kernel_row_block_unit<vec, 1>(acc + wo, x + wo, w, kw);
+    return;
+  }
   for (; wo + kOutBlock <= W; wo += kOutBlock) {
     vec a[kOutBlock];
     for (int t = 0; t < kOutBlock; ++t) a[t] = acc[wo + t];
@@ -258,7 +304,7 @@ FUSEKIT_INLINE void accumulate_kernel_row(typename VecOf<A>::type* acc, const A*
 }
 
 // Forward / backward-input of one work item of a convolution segment.
-template <typename T, typename A>
+template <typename T, typename A, int Block>
 FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeometry& g, const DepthwiseSegment& s,
                               const ItemIndex& it, const T* src, const int64_t* src_st, T* dst,
                               const int64_t* dst_st, bool use_bias, A* scratch) {
@@ -280,7 +326,7 @@ FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeome
   for (int64_t r = 0; r < it.rows; ++r) {
     for (int64_t wo = 0; wo < g.tgt_W; ++wo) acc[wo] = bias;
     for (int64_t i = 0; i < g.kh; ++i)
-      accumulate_kernel_row<A>(acc, tile + (r * g.step_h + i * g.dil_h) * cols * kLanes, wt + i * g.kw * kLanes,
+      accumulate_kernel_row<A, Block>(acc, tile + (r * g.step_h + i * g.dil_h) * cols * kLanes, wt + i * g.kw * kLanes,
                                g.tgt_W, g.kw, g.step_w, g.dil_w);
     T* out_row = dst_nc0 + (it.row0 + r) * dst_st[2];
     const A* a = reinterpret_cast<const A*>(acc);
@@ -307,7 +353,7 @@ FUSEKIT_INLINE void copy_item(const ItemIndex& it, int64_t W, const T* src, cons
 
 // Forward (Direction::Forward) or backward-input (Direction::BackwardInput) over items [begin, end).
 // Forward: src = x (in_stride), dst = y (out_stride). Backward-input: src = grad_y, dst = grad_x.
-template <typename T>
+template <typename T, int Block>
 FUSEKIT_INLINE void conv_items(const DepthwiseConv2dParams& p, const Plan& plan, Direction d, const T* src, T* dst,
                                int64_t begin, int64_t end, typename AccOf<T>::type* scratch) {
   using A = typename AccOf<T>::type;
@@ -322,13 +368,28 @@ FUSEKIT_INLINE void conv_items(const DepthwiseConv2dParams& p, const Plan& plan,
       copy_item(it, fwd ? p.Wo : p.W, src, src_st, dst, dst_st);
       continue;
     }
-    conv_item<T, A>(p, segment_geometry(p, s, d), s, it, src, src_st, dst, dst_st, fwd, scratch);
+    conv_item<T, A, Block>(p, segment_geometry(p, s, d), s, it, src, src_st, dst, dst_st, fwd, scratch);
   }
 }
 
 // Backward-weight over items [begin, end): grad_acc (plan.grad_weight_elems, laid out per
 // segment as [channels][kh*kw] weights then [channels] bias) receives += contributions.
-template <typename T>
+// Unit stride and dilation: tap j0 + j of output t reads x[t + j0 + j]; with G grad vectors in
+// registers, each loaded x vector feeds up to G FMAs into the J tap accumulators.
+template <typename vec, int G, int J>
+FUSEKIT_INLINE void weight_block_unit(vec (&a)[J], const vec* g, const vec* x) {
+  vec gr[G];
+  for (int t = 0; t < G; ++t) gr[t] = g[t];
+  for (int m = 0; m < G + J - 1; ++m) {
+    const vec xv = x[m];
+    for (int t = 0; t < G; ++t) {
+      const int j = m - t;
+      if (j >= 0 && j < J) a[j] += gr[t] * xv;
+    }
+  }
+}
+
+template <typename T, int Block>
 FUSEKIT_INLINE void backward_weight_items(const DepthwiseConv2dParams& p, const Plan& plan, const T* grad_out,
                                           const T* in, int64_t begin, int64_t end, typename AccOf<T>::type* scratch,
                                           typename AccOf<T>::type* grad_acc) {
@@ -354,34 +415,63 @@ FUSEKIT_INLINE void backward_weight_items(const DepthwiseConv2dParams& p, const 
     A* gw = grad_acc + offset + (it.c0 - s.c_begin) * taps;
     A* gb = grad_acc + offset + cs * taps + (it.c0 - s.c_begin);
     const vec* gv = reinterpret_cast<const vec*>(gtile);
-    const int64_t npix = it.rows * p.Wo;
+    vec* tap_acc = reinterpret_cast<vec*>(gtile + it.rows * p.Wo * kLanes);  // [kh][kw] vectors
+    for (int64_t k = 0; k < taps; ++k) tap_acc[k] = vec{};
     vec bsum{};
-    for (int64_t q = 0; q < npix; ++q) bsum += gv[q];
-    for (int l = 0; l < it.cb; ++l) gb[l] += bsum[l];
-    for (int64_t i = 0; i < s.kh; ++i) {
-      for (int64_t j0 = 0; j0 < s.kw; j0 += kOutBlock) {
-        const int nt = int(std::min<int64_t>(kOutBlock, s.kw - j0));
-        vec a[kOutBlock] = {};
-        for (int64_t r = 0; r < it.rows; ++r) {
-          const vec* x = reinterpret_cast<const vec*>(tile + (r * p.stride_h + i * p.dil_h) * cols * kLanes) + j0 * p.dil_w;
-          const vec* gr = gv + r * p.Wo;
-          if (nt == kOutBlock) {
+    for (int64_t q = 0; q < it.rows * p.Wo; ++q) bsum += gv[q];
+    // Row by row: one grad_out row, one input row and one kernel row of accumulators stay in L1
+    // while every tap block of that kernel row sweeps them.
+    for (int64_t r = 0; r < it.rows; ++r) {
+      const vec* gr = gv + r * p.Wo;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const vec* xrow = reinterpret_cast<const vec*>(tile + (r * p.stride_h + i * p.dil_h) * cols * kLanes);
+        vec* acc_row = tap_acc + i * s.kw;
+        int64_t j0 = 0;
+        for (; j0 + kOutBlock <= s.kw; j0 += kOutBlock) {
+          vec a[kOutBlock];
+          for (int t = 0; t < kOutBlock; ++t) a[t] = acc_row[j0 + t];
+          const vec* x = xrow + j0 * p.dil_w;
+          if (p.stride_w == 1 && p.dil_w == 1) {
+            int64_t wo = 0;
+            constexpr int G = Block > 1 ? Block / 2 : 1;  // grad vectors in registers beside 8 accumulators
+            for (; wo + G <= p.Wo; wo += G) weight_block_unit<vec, G, kOutBlock>(a, gr + wo, x + wo);
+            for (; wo < p.Wo; ++wo) weight_block_unit<vec, 1, kOutBlock>(a, gr + wo, x + wo);
+          } else {
             for (int64_t wo = 0; wo < p.Wo; ++wo) {
               const vec gvo = gr[wo];
               const vec* xw = x + wo * p.stride_w;
               for (int t = 0; t < kOutBlock; ++t) a[t] += gvo * xw[t * p.dil_w];
             }
-          } else {
-            for (int64_t wo = 0; wo < p.Wo; ++wo) {
-              const vec gvo = gr[wo];
-              const vec* xw = x + wo * p.stride_w;
-              for (int t = 0; t < nt; ++t) a[t] += gvo * xw[t * p.dil_w];
-            }
           }
+          for (int t = 0; t < kOutBlock; ++t) acc_row[j0 + t] = a[t];
         }
-        for (int t = 0; t < nt; ++t)
-          for (int l = 0; l < it.cb; ++l) gw[l * taps + i * s.kw + j0 + t] += a[t][l];
+        if (j0 + 4 <= s.kw) {  // a block of 4 taps left over from the blocks of kOutBlock
+          vec a[4];
+          for (int t = 0; t < 4; ++t) a[t] = acc_row[j0 + t];
+          const vec* x = xrow + j0 * p.dil_w;
+          if (p.stride_w == 1 && p.dil_w == 1) {
+            constexpr int G = Block > 1 ? Block / 2 : 1;
+            int64_t wo = 0;
+            for (; wo + G <= p.Wo; wo += G) weight_block_unit<vec, G, 4>(a, gr + wo, x + wo);
+            for (; wo < p.Wo; ++wo) weight_block_unit<vec, 1, 4>(a, gr + wo, x + wo);
+          } else {
+            for (int64_t wo = 0; wo < p.Wo; ++wo)
+              for (int t = 0; t < 4; ++t) a[t] += gr[wo] * x[wo * p.stride_w + t * p.dil_w];
+          }
+          for (int t = 0; t < 4; ++t) acc_row[j0 + t] = a[t];
+          j0 += 4;
+        }
+        for (; j0 < s.kw; ++j0) {  // single taps left over
+          vec a = acc_row[j0];
+          const vec* x = xrow + j0 * p.dil_w;
+          for (int64_t wo = 0; wo < p.Wo; ++wo) a += gr[wo] * x[wo * p.stride_w];
+          acc_row[j0] = a;
+        }
       }
+    }
+    for (int l = 0; l < it.cb; ++l) {
+      gb[l] += bsum[l];
+      for (int64_t k = 0; k < taps; ++k) gw[l * taps + k] += tap_acc[k][l];
     }
   }
 }

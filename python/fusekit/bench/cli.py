@@ -87,7 +87,7 @@ def plan(args, ops: Sequence[harness.BenchOp], device: str, quick: bool) -> list
     dtypes = args.dtype or (QUICK_DTYPES if quick else SWEEP_DTYPES)[device]
     items: list[harness.WorkItem] = []
     if quick:
-        merged: dict[tuple, tuple] = {}   # (op, case, batch) -> modes, quick items of one shape merged
+        merged: dict[tuple, tuple] = {}   # quick items of one shape share their inputs and reference
         for op in ops:
             cases = {c.name: c for c in op.cases()}
             for q in op.quick_items():
@@ -95,14 +95,14 @@ def plan(args, ops: Sequence[harness.BenchOp], device: str, quick: bool) -> list
                 if args.case and not _match(case, args.case):
                     continue
                 for batch in args.batch or [q.batch[device]]:
-                    modes = merged.setdefault((op, case, batch), [])
+                    _, _, _, modes = merged.setdefault((op.name, case.name, batch), (op, case, batch, []))
                     modes += [m for m in q.modes if m not in modes and (not args.mode or m in args.mode)]
         return [harness.WorkItem(op, case, batch, dtype, tuple(modes))
-                for dtype in dtypes for (op, case, batch), modes in merged.items() if modes]
+                for dtype in dtypes for op, case, batch, modes in merged.values() if modes]
     batches = args.batch or (SWEEP_BATCHES if args.sweep else DEFAULT_BATCHES)
     modes = tuple(args.mode or DEFAULT_MODES)
-    for dtype in dtypes:
-        for batch in batches:
+    for batch in batches:   # batch outermost: a sweep cut short by --max-time still covers every dtype
+        for dtype in dtypes:
             for op in ops:
                 for case in op.cases():
                     if _match(case, args.case):

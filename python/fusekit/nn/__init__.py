@@ -1,1 +1,11 @@
-"""Drop-in modules built on fusekit's ops."""
+"""Drop-in modules built on fusekit's ops, and structural re-parameterization helpers."""
+from .depthwise import DepthwiseConv1d, DepthwiseConv2d, InceptionDWConv2d, convert_depthwise
+from .reparam import (dilated_to_dense, fuse_conv_bn, merge_depthwise_branches, pad_kernel_to,
+                      reparameterize_blocks, reparameterize_depthwise_branches,
+                      reparameterize_dilated_reparam_block, reparameterize_large_kernel_conv)
+
+__all__ = [
+    "DepthwiseConv1d", "DepthwiseConv2d", "InceptionDWConv2d", "convert_depthwise", "dilated_to_dense",
+    "fuse_conv_bn", "merge_depthwise_branches", "pad_kernel_to", "reparameterize_blocks",
+    "reparameterize_depthwise_branches", "reparameterize_dilated_reparam_block", "reparameterize_large_kernel_conv",
+]
