@@ -36,3 +36,14 @@ def dtypes_for(backend: str, device: str):
     if backend == "triton":  # interpreter: numpy has no bfloat16 arithmetic, kernels upcast anyway
         return [torch.float32, torch.float16]
     return [torch.float32, torch.bfloat16, torch.float16]
+
+
+def module_backend_params(op: str):
+    """Backends a fusekit.nn module test runs on: "reference", the default (auto), and "cpu"."""
+    cpu_missing = fusekit.available_backends(op)["cpu"]
+    return [
+        pytest.param("reference", id="reference"),
+        pytest.param(None, id="default"),
+        pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
+            cpu_missing is not None, reason=f"cpu backend unavailable: {cpu_missing}")),
+    ]

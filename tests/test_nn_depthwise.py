@@ -4,30 +4,17 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
-from fusekit.backends import BackendError, available_backends, use_backend
+from backend_matrix import module_backend_params
+from fusekit.backends import BackendError, use_backend
+from fusekit.testing.checks import assert_close_to_twin
 from fusekit.nn.depthwise import DepthwiseConv1d, DepthwiseConv2d, InceptionDWConv2d, convert_depthwise
 
 
-def backend_params(op):
-    """"reference", the default (auto) backend, and "cpu" when this build has the C++ kernels."""
-    cpu_missing = available_backends(op)["cpu"]
-    return [
-        pytest.param("reference", id="reference"),
-        pytest.param(None, id="default"),
-        pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
-            cpu_missing is not None, reason=f"cpu backend unavailable: {cpu_missing}")),
-    ]
+DEPTHWISE_BACKENDS = module_backend_params("depthwise_conv2d")
+INCEPTION_BACKENDS = module_backend_params("inception_dwconv2d")
 
 
-DEPTHWISE_BACKENDS = backend_params("depthwise_conv2d")
-INCEPTION_BACKENDS = backend_params("inception_dwconv2d")
-
-
-def assert_matches(actual, expected):
-    """fp32: accumulation-order rounding relative to the output scale; fp64: tight."""
-    scale = max(1.0, expected.detach().abs().max().item())
-    tol = 1e-5 if expected.dtype == torch.float32 else 1e-11
-    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol)
+assert_matches = assert_close_to_twin
 
 
 def conv2d_twin(module):

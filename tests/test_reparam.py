@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusekit.backends import available_backends
+from backend_matrix import module_backend_params
+from fusekit.testing.checks import assert_close_to_twin
 from fusekit.nn.depthwise import DepthwiseConv2d
 from fusekit.nn.reparam import (
     dilated_to_dense,
@@ -22,21 +23,11 @@ from fusekit.nn.reparam import (
     reparameterize_large_kernel_conv,
 )
 
-_cpu_missing = available_backends("depthwise_conv2d")["cpu"]
-BACKENDS = [
-    pytest.param("reference", id="reference"),
-    pytest.param(None, id="default"),
-    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
-        _cpu_missing is not None, reason=f"cpu backend unavailable: {_cpu_missing}")),
-]
+BACKENDS = module_backend_params("depthwise_conv2d")
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
 
 
-def assert_reproduces(actual, expected):
-    """fp32: rounding relative to the output scale (the merged kernel sums in another order); fp64: tight."""
-    scale = max(1.0, expected.detach().abs().max().item())
-    tol = 1e-4 if expected.dtype == torch.float32 else 1e-10
-    torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=0)
+assert_reproduces = assert_close_to_twin
 
 
 @torch.no_grad()

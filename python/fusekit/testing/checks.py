@@ -79,3 +79,12 @@ def assert_compiles_fullgraph(fn: Callable, *args, atol: float = 1e-5, rtol: flo
         for a, b in zip(eager_in, comp_in):
             if isinstance(a, torch.Tensor) and a.grad is not None:
                 torch.testing.assert_close(b.grad, a.grad, atol=atol, rtol=rtol)
+
+
+def assert_close_to_twin(actual: torch.Tensor, expected: torch.Tensor, kind: str = "forward") -> None:
+    """A fusekit module against its PyTorch twin in the same dtype: the tolerance table, scaled by
+    the output's magnitude (the two sum the same terms in different orders)."""
+    from .tolerances import tolerance
+    atol, rtol = tolerance(expected.dtype, kind)
+    scale = max(1.0, expected.detach().abs().max().item())
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol)
