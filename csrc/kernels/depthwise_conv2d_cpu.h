@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "depthwise_conv2d_params.h"
 
@@ -217,9 +218,21 @@ FUSEKIT_INLINE void pack_tile(A* tile, int64_t rows, int64_t cols, const T* src_
     const T* src_row = src_nc0 + (v / up_h) * st[2];
     if (channels_last) {
       for (int64_t q = q_first; q < q_end; q += up_w) {
-        const T* s = src_row + ((vcol0 + q) / up_w) * st[3];
-        A* d = dst_row + q * kLanes;
-        for (int l = 0; l < cb; ++l) d[l] = to_acc(s[l]);
+        const T* __restrict__ s = src_row + ((vcol0 + q) / up_w) * st[3];
+        A* __restrict__ d = dst_row + q * kLanes;
+        if (cb == kLanes) {  // one vector per pixel (GCC keeps the element loop scalar)
+          typename VecOf<A>::type v;
+          if constexpr (std::is_same_v<T, A>) {
+            std::memcpy(&v, s, sizeof(v));
+          } else {
+            A tmp[kLanes];
+            for (int l = 0; l < kLanes; ++l) tmp[l] = to_acc(s[l]);
+            std::memcpy(&v, tmp, sizeof(v));
+          }
+          *reinterpret_cast<typename VecOf<A>::type*>(d) = v;
+        } else {
+          for (int l = 0; l < cb; ++l) d[l] = to_acc(s[l]);
+        }
       }
     } else {
       for (int l = 0; l < cb; ++l) {
@@ -330,7 +343,10 @@ FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeome
                                g.tgt_W, g.kw, g.step_w, g.dil_w);
     T* out_row = dst_nc0 + (it.row0 + r) * dst_st[2];
     const A* a = reinterpret_cast<const A*>(acc);
-    if (p.channels_last) {
+    if (p.channels_last && it.cb == kLanes) {  // constant trip count: vector stores
+      for (int64_t wo = 0; wo < g.tgt_W; ++wo)
+        for (int l = 0; l < kLanes; ++l) out_row[wo * dst_st[3] + l] = from_acc<T>(a[wo * kLanes + l]);
+    } else if (p.channels_last) {
       for (int64_t wo = 0; wo < g.tgt_W; ++wo)
         for (int l = 0; l < it.cb; ++l) out_row[wo * dst_st[3] + l] = from_acc<T>(a[wo * kLanes + l]);
     } else {
