@@ -60,9 +60,9 @@ __global__ void __launch_bounds__(kMaxThreads, kSliding ? 3 : 2) conv_tile_kerne
     const ConvBlock k = conv_block(a, b);
     const PlaneRef pr = conv_plane(a, k, tp.g);
     A acc[RH][RW];
-#pragma unroll
+FUSEKIT_DW_UNROLL
     for (int rh = 0; rh < RH; ++rh)
-#pragma unroll
+FUSEKIT_DW_UNROLL
       for (int r = 0; r < RW; ++r) acc[rh][r] = A(0);
     for (int chunk = 0; chunk < a.num_chunks; ++chunk) {
       if (chunk > 0) __syncthreads();
@@ -133,9 +133,9 @@ __global__ void __launch_bounds__(kMaxThreads, kSliding && sizeof(typename AccOf
       wgrad_block_kmax(a, cg, kh_b, kw_b);
       if (i_lo >= kh_b || j_lo >= kw_b) continue;
       A acc[RH][RW];
-#pragma unroll
+FUSEKIT_DW_UNROLL
       for (int ih = 0; ih < RH; ++ih)
-#pragma unroll
+FUSEKIT_DW_UNROLL
         for (int r = 0; r < RW; ++r) acc[ih][r] = A(0);
       A gsum = A(0);
       for (int64_t it = it_begin; it < it_end; ++it) {

@@ -38,6 +38,13 @@
 #define FUSEKIT_DW_HD inline
 #endif
 
+// Loop unrolling for the device pass only (host compilers warn on the CUDA pragma).
+#if defined(__CUDA_ARCH__)
+#define FUSEKIT_DW_UNROLL _Pragma("unroll")
+#else
+#define FUSEKIT_DW_UNROLL
+#endif
+
 // Host emulation hook: sees every shared-memory access (is_store 0/1); no-op in the kernels.
 #ifndef FUSEKIT_DW_SMEM_CHECK
 #define FUSEKIT_DW_SMEM_CHECK(ptr, is_store) ((void)0)
@@ -522,42 +529,42 @@ FUSEKIT_DW_HD void conv_compute_sliding(const ConvTileArgs& a, const SegDesc& s,
     const A* w_cls = wp + cls * a.wcl;
     for (int i = w.i_lo; i < w.i_hi; ++i) {
       const A* rowp[RH];
-#pragma unroll
+FUSEKIT_DW_UNROLL
       for (int rh = 0; rh < RH; ++rh) rowp[rh] = plane_sm + ((oy0 + rh) * a.sh + (i - w.i_lo) * a.dh) * a.pitch;
       const A* wrow = w_cls + (i - w.i_lo) * a.w_row;
       A buf[RH][RW];
       const int sb = skew<LOG_RW>(base);
-#pragma unroll
+FUSEKIT_DW_UNROLL
       for (int rh = 0; rh < RH; ++rh)
-#pragma unroll
+FUSEKIT_DW_UNROLL
         for (int r = 0; r < RW; ++r) buf[rh][r] = sm_ld(rowp[rh] + sb + r);
       int mb = 0;
       for (; mb + RW <= mcount; mb += RW) {
         const int nb = skew<LOG_RW>(base + mb + RW);
-#pragma unroll
+FUSEKIT_DW_UNROLL
         for (int u = 0; u < RW; ++u) {
           const A wv = sm_ld(wrow + mb + u);
-#pragma unroll
+FUSEKIT_DW_UNROLL
           for (int rh = 0; rh < RH; ++rh)
-#pragma unroll
+FUSEKIT_DW_UNROLL
             for (int r = 0; r < RW; ++r) acc[rh][r] += buf[rh][(u + r) % RW] * wv;
           // slot u held position mb + u; it now takes mb + u + RW (needed from the next step)
-#pragma unroll
+FUSEKIT_DW_UNROLL
           for (int rh = 0; rh < RH; ++rh) buf[rh][u] = sm_ld(rowp[rh] + nb + u);
         }
       }
       if (mb < mcount) {
         const int nb = skew<LOG_RW>(base + mb + RW);
-#pragma unroll
+FUSEKIT_DW_UNROLL
         for (int u = 0; u < RW; ++u) {
           if (mb + u < mcount) {
             const A wv = sm_ld(wrow + mb + u);
-#pragma unroll
+FUSEKIT_DW_UNROLL
             for (int rh = 0; rh < RH; ++rh)
-#pragma unroll
+FUSEKIT_DW_UNROLL
               for (int r = 0; r < RW; ++r) acc[rh][r] += buf[rh][(u + r) % RW] * wv;
             if (mb + u + 1 < mcount) {
-#pragma unroll
+FUSEKIT_DW_UNROLL
               for (int rh = 0; rh < RH; ++rh) buf[rh][u] = sm_ld(rowp[rh] + nb + u);
             }
           }
@@ -578,7 +585,7 @@ FUSEKIT_DW_HD void conv_compute_walk(const ConvTileArgs& a, const SegDesc& s, co
   const int rts = a.gather ? a.gts_h : 1, rss = a.gather ? -a.gqs_h : a.dh;
   const int cts = a.gather ? a.gts_w : 1, css = a.gather ? -a.gqs_w : a.dw;
   int r_count[RH], r_t0[RH], r_s0[RH];
-#pragma unroll
+FUSEKIT_DW_UNROLL
   for (int rh = 0; rh < RH; ++rh) {
     const int oy = ty * RH + rh;
     const Walk wk = a.gather ? walk_gather(k.oy0 + oy, s.pad_h, a.sh, a.dh, a.gts_h, a.gqs_h, w.i_lo, w.i_hi, w.row0)
@@ -587,12 +594,12 @@ FUSEKIT_DW_HD void conv_compute_walk(const ConvTileArgs& a, const SegDesc& s, co
     r_t0[rh] = wk.t0 - w.i_lo;
     r_s0[rh] = wk.s0;
   }
-#pragma unroll
+FUSEKIT_DW_UNROLL
   for (int r = 0; r < RW; ++r) {
     const int ox = tx * RW + r;
     const Walk cw = a.gather ? walk_gather(k.ox0 + ox, s.pad_w, a.sw, a.dw, a.gts_w, a.gqs_w, 0, s.kw, w.col0)
                              : walk_forward(ox, a.sw, a.dw, 0, s.kw);
-#pragma unroll
+FUSEKIT_DW_UNROLL
     for (int rh = 0; rh < RH; ++rh) {
       A sum = A(0);
       for (int ia = 0; ia < r_count[rh]; ++ia) {
@@ -612,9 +619,9 @@ FUSEKIT_DW_HD void conv_acc_to_smem(const ConvTileArgs& a, A* out_sm, const Thre
                                     const A (&acc)[RegTile<A>::RH][RegTile<A>::RW]) {
   constexpr int RH = RegTile<A>::RH, RW = RegTile<A>::RW, LOG_RW = RegTile<A>::LOG_RW;
   A* base = out_sm + tp.g * a.out_plane + skew<LOG_RW>(tp.tx * RW);
-#pragma unroll
+FUSEKIT_DW_UNROLL
   for (int rh = 0; rh < RH; ++rh)
-#pragma unroll
+FUSEKIT_DW_UNROLL
     for (int r = 0; r < RW; ++r) sm_st(base + (tp.ty * RH + rh) * a.out_pitch + r, acc[rh][r]);
 }
 
@@ -1051,7 +1058,7 @@ FUSEKIT_DW_HD void wgrad_row_sliding(const WgradArgs& a, const A* x_plane, const
                                      A (&acc)[RegTile<A>::RH][RegTile<A>::RW], A& gsum) {
   constexpr int RH = RegTile<A>::RH, RW = RegTile<A>::RW, LOG_RW = RegTile<A>::LOG_RW;
   const A* xrow[RH];
-#pragma unroll
+FUSEKIT_DW_UNROLL
   for (int ih = 0; ih < RH; ++ih) xrow[ih] = x_plane + (p * a.sh + (di + ih) * a.dh) * a.x_pitch;
   for (int c0 = 0; c0 < a.g_mod; ++c0) {
     const int mcount = (a.TW - c0 + a.g_mod - 1) / a.g_mod;
@@ -1060,40 +1067,40 @@ FUSEKIT_DW_HD void wgrad_row_sliding(const WgradArgs& a, const A* x_plane, const
     const int gb = c0 * a.g_cls;                // multiple of RW
     A buf[RH][RW];
     const int sxb = skew<LOG_RW>(xb);
-#pragma unroll
+FUSEKIT_DW_UNROLL
     for (int ih = 0; ih < RH; ++ih)
-#pragma unroll
+FUSEKIT_DW_UNROLL
       for (int r = 0; r < RW; ++r) buf[ih][r] = sm_ld(xrow[ih] + sxb + r);
     int mb = 0;
     for (; mb + RW <= mcount; mb += RW) {
       const int nb = skew<LOG_RW>(xb + mb + RW);
       const A* gp = grow + skew<LOG_RW>(gb + mb);
-#pragma unroll
+FUSEKIT_DW_UNROLL
       for (int u = 0; u < RW; ++u) {
         const A gv = sm_ld(gp + u);
         gsum += gv;
-#pragma unroll
+FUSEKIT_DW_UNROLL
         for (int ih = 0; ih < RH; ++ih)
-#pragma unroll
+FUSEKIT_DW_UNROLL
           for (int r = 0; r < RW; ++r) acc[ih][r] += buf[ih][(u + r) % RW] * gv;
-#pragma unroll
+FUSEKIT_DW_UNROLL
         for (int ih = 0; ih < RH; ++ih) buf[ih][u] = sm_ld(xrow[ih] + nb + u);
       }
     }
     if (mb < mcount) {
       const int nb = skew<LOG_RW>(xb + mb + RW);
       const A* gp = grow + skew<LOG_RW>(gb + mb);
-#pragma unroll
+FUSEKIT_DW_UNROLL
       for (int u = 0; u < RW; ++u) {
         if (mb + u < mcount) {
           const A gv = sm_ld(gp + u);
           gsum += gv;
-#pragma unroll
+FUSEKIT_DW_UNROLL
           for (int ih = 0; ih < RH; ++ih)
-#pragma unroll
+FUSEKIT_DW_UNROLL
             for (int r = 0; r < RW; ++r) acc[ih][r] += buf[ih][(u + r) % RW] * gv;
           if (mb + u + 1 < mcount) {
-#pragma unroll
+FUSEKIT_DW_UNROLL
             for (int ih = 0; ih < RH; ++ih) buf[ih][u] = sm_ld(xrow[ih] + nb + u);
           }
         }
@@ -1108,15 +1115,15 @@ FUSEKIT_DW_HD void wgrad_row_generic(const WgradArgs& a, const A* x_plane, const
                                      A (&acc)[RegTile<A>::RH][RegTile<A>::RW], A& gsum) {
   constexpr int RH = RegTile<A>::RH, RW = RegTile<A>::RW, LOG_RW = RegTile<A>::LOG_RW;
   const A* xrow[RH];
-#pragma unroll
+FUSEKIT_DW_UNROLL
   for (int ih = 0; ih < RH; ++ih) xrow[ih] = x_plane + (p * a.sh + (di + ih) * a.dh) * a.x_pitch;
   for (int q = 0; q < a.TW; ++q) {
     const A gv = sm_ld(grow + skew<LOG_RW>(q));
     gsum += gv;
-#pragma unroll
+FUSEKIT_DW_UNROLL
     for (int r = 0; r < RW; ++r) {
       const int col = skew<LOG_RW>(q * a.sw + (dj + r) * a.dw);
-#pragma unroll
+FUSEKIT_DW_UNROLL
       for (int ih = 0; ih < RH; ++ih) acc[ih][r] += sm_ld(xrow[ih] + col) * gv;
     }
   }
@@ -1166,9 +1173,9 @@ template <typename A>
 FUSEKIT_DW_HD void wgrad_acc_to_smem(const WgradArgs& a, A* red, int t, const A (&acc)[RegTile<A>::RH][RegTile<A>::RW],
                                      A gsum) {
   constexpr int RH = RegTile<A>::RH, RW = RegTile<A>::RW;
-#pragma unroll
+FUSEKIT_DW_UNROLL
   for (int ih = 0; ih < RH; ++ih)
-#pragma unroll
+FUSEKIT_DW_UNROLL
     for (int r = 0; r < RW; ++r) sm_st(red + (ih * RW + r) * a.threads + t, acc[ih][r]);
   sm_st(red + RH * RW * a.threads + t, gsum);
 }
