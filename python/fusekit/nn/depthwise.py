@@ -59,6 +59,14 @@ class _DepthwiseConvMixin:
     _op: Callable[..., torch.Tensor]
     backend: str | None
 
+    def __init__(self, channels: int, kernel_size, stride=1, padding=0, dilation=1, bias: bool = True,
+                 padding_mode: str = "zeros", device=None, dtype=None, backend: str | None = None) -> None:
+        _check_channels(type(self).__name__, channels)
+        super().__init__(channels, channels, kernel_size, stride=stride, padding=padding,  # type: ignore[call-arg]
+                         dilation=dilation, groups=channels, bias=bias, padding_mode=padding_mode, device=device,
+                         dtype=dtype)
+        self.backend = _check_backend(backend)
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         spatial = len(self.kernel_size)
         unbatched = input.dim() == spatial + 1  # nn.ConvNd accepts a missing batch dimension
@@ -109,12 +117,6 @@ class DepthwiseConv2d(_DepthwiseConvMixin, nn.Conv2d):
     _plain = nn.Conv2d
     _op = staticmethod(depthwise_conv2d)
 
-    def __init__(self, channels: int, kernel_size, stride=1, padding=0, dilation=1, bias: bool = True,
-                 padding_mode: str = "zeros", device=None, dtype=None, backend: str | None = None) -> None:
-        _check_channels(type(self).__name__, channels)
-        super().__init__(channels, channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                         groups=channels, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
-        self.backend = _check_backend(backend)
 
 
 class DepthwiseConv1d(_DepthwiseConvMixin, nn.Conv1d):
@@ -123,12 +125,6 @@ class DepthwiseConv1d(_DepthwiseConvMixin, nn.Conv1d):
     _plain = nn.Conv1d
     _op = staticmethod(depthwise_conv1d)
 
-    def __init__(self, channels: int, kernel_size, stride=1, padding=0, dilation=1, bias: bool = True,
-                 padding_mode: str = "zeros", device=None, dtype=None, backend: str | None = None) -> None:
-        _check_channels(type(self).__name__, channels)
-        super().__init__(channels, channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                         groups=channels, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype)
-        self.backend = _check_backend(backend)
 
 
 _FUSEKIT_CLASS_FOR = {nn.Conv2d: DepthwiseConv2d, nn.Conv1d: DepthwiseConv1d}

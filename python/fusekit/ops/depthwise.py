@@ -274,28 +274,22 @@ class DepthwiseCase:
     dtype: torch.dtype
 
 
-def _cpu_reasons(case: DepthwiseCase) -> list[str]:
-    why = []
-    if case.device_type != "cpu":
-        why.append(f"the C++ CPU kernels take CPU tensors, got {case.device_type}")
-    if case.dtype not in CPU_DTYPES:
-        why.append(f"dtype {case.dtype} is not supported on CPU (supported: {CPU_DTYPES})")
-    reason = _KERNEL_REASON["CPU"]
-    if reason:
-        why.append(reason)
-    return why
+def _compiled_reasons(device_type: str, dispatch_key: str, dtypes: tuple, what: str):
+    """Reasons function of a fusekit._C backend: device, dtype, and whether its kernels were built."""
+    def reasons(case: DepthwiseCase) -> list[str]:
+        why = []
+        if case.device_type != device_type:
+            why.append(f"the {what} kernels take {device_type.upper()} tensors, got {case.device_type}")
+        if case.dtype not in dtypes:
+            why.append(f"dtype {case.dtype} is not supported by the {what} kernels (supported: {dtypes})")
+        if _KERNEL_REASON[dispatch_key]:
+            why.append(_KERNEL_REASON[dispatch_key])
+        return why
+    return reasons
 
 
-def _cuda_reasons(case: DepthwiseCase) -> list[str]:
-    why = []
-    if case.device_type != "cuda":
-        why.append(f"the CUDA kernels take CUDA tensors, got {case.device_type}")
-    if case.dtype not in GPU_DTYPES:
-        why.append(f"dtype {case.dtype} is not supported by the CUDA kernels")
-    reason = _KERNEL_REASON["CUDA"]
-    if reason:
-        why.append(reason)
-    return why
+_cpu_reasons = _compiled_reasons("cpu", "CPU", CPU_DTYPES, "C++ CPU")
+_cuda_reasons = _compiled_reasons("cuda", "CUDA", GPU_DTYPES, "CUDA")
 
 
 def _triton_reasons(case: DepthwiseCase) -> list[str]:
