@@ -230,22 +230,35 @@ cudaError_t allow_smem(size_t bytes, int device) {
   return err;
 }
 
-template <typename T, bool kSliding>
-cudaError_t launch_conv_tile(const ConvTileArgs& plan, int device, cudaStream_t stream) {
-  const cudaError_t err = allow_smem<conv_tile_kernel<T, kSliding>>(plan.smem_bytes, device);
+// Launches a tile kernel with the grid, block and dynamic shared memory of its plan.
+template <auto kKernel, typename Args>
+cudaError_t launch_tile(const Args& plan, int device, cudaStream_t stream) {
+  const cudaError_t err = allow_smem<kKernel>(plan.smem_bytes, device);
   if (err != cudaSuccess) return err;
-  conv_tile_kernel<T, kSliding><<<grid_size(plan.num_blocks), plan.threads, plan.smem_bytes, stream>>>(plan);
+  kKernel<<<grid_size(plan.num_blocks), plan.threads, plan.smem_bytes, stream>>>(plan);
   return cudaSuccess;
 }
 
-template <typename T, bool kSliding>
-cudaError_t launch_wgrad_tile(const WgradArgs& plan, int device, cudaStream_t stream) {
-  const cudaError_t err = allow_smem<wgrad_tile_kernel<T, kSliding>>(plan.smem_bytes, device);
-  if (err != cudaSuccess) return err;
-  wgrad_tile_kernel<T, kSliding><<<grid_size(plan.num_blocks), plan.threads, plan.smem_bytes, stream>>>(plan);
-  return cudaSuccess;
+// Copies the run-time pointers and strides of `from` onto a cached plan.
+void rebind(ConvTileArgs& plan, const ConvTileArgs& from) {
+  plan.src = from.src;
+  plan.dst = from.dst;
+  for (int i = 0; i < 4; ++i) {
+    plan.src_stride[i] = from.src_stride[i];
+    plan.dst_stride[i] = from.dst_stride[i];
+  }
+  for (int s = 0; s < from.num_segments; ++s) plan.seg[s] = from.seg[s];
 }
 
+void rebind(WgradArgs& plan, const WgradArgs& from) {
+  plan.x = from.x;
+  plan.gy = from.gy;
+  for (int i = 0; i < 4; ++i) {
+    plan.x_stride[i] = from.x_stride[i];
+    plan.gy_stride[i] = from.gy_stride[i];
+  }
+  for (int s = 0; s < from.num_segments; ++s) plan.seg[s] = from.seg[s];
+}
 
 // Small per-thread caches of finished plans keyed by everything a plan depends on.
 struct PlanKey {
@@ -307,28 +320,20 @@ struct PlanCache {
     used[next] = true;
     next = (next + 1) % kEntries;
   }
+  // The cached plan of key k rebound to the pointers and strides of `a`, or a new one made by
+  // make(Args&) -> bool and cached; good: whether the tile kernel can run it.
+  template <typename Make> Args get(const PlanKey& k, const Args& a, bool& good, Make make) {
+    if (const Args* hit = find(k, good)) {
+      Args out = *hit;
+      rebind(out, a);
+      return out;
+    }
+    Args out = a;
+    good = make(out);
+    put(k, out, good);
+    return out;
+  }
 };
-
-// Copies the run-time pointers and strides of `from` onto a cached plan.
-void rebind(ConvTileArgs& plan, const ConvTileArgs& from) {
-  plan.src = from.src;
-  plan.dst = from.dst;
-  for (int i = 0; i < 4; ++i) {
-    plan.src_stride[i] = from.src_stride[i];
-    plan.dst_stride[i] = from.dst_stride[i];
-  }
-  for (int s = 0; s < from.num_segments; ++s) plan.seg[s] = from.seg[s];
-}
-
-void rebind(WgradArgs& plan, const WgradArgs& from) {
-  plan.x = from.x;
-  plan.gy = from.gy;
-  for (int i = 0; i < 4; ++i) {
-    plan.x_stride[i] = from.x_stride[i];
-    plan.gy_stride[i] = from.gy_stride[i];
-  }
-  for (int s = 0; s < from.num_segments; ++s) plan.seg[s] = from.seg[s];
-}
 
 template <typename T>
 cudaError_t run_conv(const DepthwiseConv2dParams& p, ScalarKind dtype, bool backward, const void* src, void* dst,
@@ -345,19 +350,13 @@ cudaError_t run_conv(const DepthwiseConv2dParams& p, ScalarKind dtype, bool back
   const PlanKey key = plan_key(a, static_cast<int>(dtype), device, (backward ? 2 : 0) | (sliding ? 1 : 0), a.Hs, a.Ws,
                                a.Hd, a.Wd);
   bool ok = false;
-  ConvTileArgs plan;
-  if (const ConvTileArgs* hit = cache.find(key, ok)) {
-    plan = *hit;
-    rebind(plan, a);
-  } else {
-    plan = a;
-    ok = plan_conv_tile(plan, sliding, RH, RW, LOG_RW, sizeof(A), sizeof(T), lim);
-    cache.put(key, plan, ok);
-  }
+  const ConvTileArgs plan = cache.get(key, a, ok, [&](ConvTileArgs& c) {
+    return plan_conv_tile(c, sliding, RH, RW, LOG_RW, sizeof(A), sizeof(T), lim);
+  });
 
   if (ok) {
-    const cudaError_t err = sliding ? launch_conv_tile<T, true>(plan, device, stream)
-                                    : launch_conv_tile<T, false>(plan, device, stream);
+    const cudaError_t err = sliding ? launch_tile<conv_tile_kernel<T, true>>(plan, device, stream)
+                                    : launch_tile<conv_tile_kernel<T, false>>(plan, device, stream);
     if (err != cudaSuccess) return err;
   } else {
     // No tile fits shared memory (huge dilation x kernel extent): read global memory directly,
@@ -384,20 +383,14 @@ cudaError_t run_wgrad(const DepthwiseConv2dParams& p, ScalarKind dtype, const vo
   static thread_local PlanCache<WgradArgs> cache;
   const PlanKey key = plan_key(a, static_cast<int>(dtype), device, 4, a.H, a.W, a.Ho, a.Wo);
   bool ok = false;
-  WgradArgs plan;
-  if (const WgradArgs* hit = cache.find(key, ok)) {
-    plan = *hit;
-    rebind(plan, a);
-  } else {
-    plan = a;
+  const WgradArgs plan = cache.get(key, a, ok, [&](WgradArgs& w) {
     bool sliding_unused = false;
-    ok = plan_wgrad_tile(plan, sliding_unused, RH, RW, LOG_RW, sizeof(A), sizeof(T), lim);
-    cache.put(key, plan, ok);
-  }
+    return plan_wgrad_tile(w, sliding_unused, RH, RW, LOG_RW, sizeof(A), sizeof(T), lim);
+  });
   const bool sliding = plan.dw % plan.sw == 0;
   if (ok) {
-    const cudaError_t err = sliding ? launch_wgrad_tile<T, true>(plan, device, stream)
-                                    : launch_wgrad_tile<T, false>(plan, device, stream);
+    const cudaError_t err = sliding ? launch_tile<wgrad_tile_kernel<T, true>>(plan, device, stream)
+                                    : launch_tile<wgrad_tile_kernel<T, false>>(plan, device, stream);
     if (err != cudaSuccess) return err;
   } else {
     const int64_t slabs = wgrad_direct_slabs(a, kDirectThreads);
@@ -416,37 +409,39 @@ namespace fusekit::cuda {
 using dwconv::run_conv;
 using dwconv::run_wgrad;
 
-cudaError_t depthwise_conv2d_forward(const DepthwiseConv2dParams& p, ScalarKind dtype, const void* in, void* out,
-                                     cudaStream_t stream) {
+namespace {
+
+// Calls fn(T{}) with the element type T of `dtype`.
+template <typename Fn>
+cudaError_t with_element_type(ScalarKind dtype, Fn fn) {
   switch (dtype) {
-    case ScalarKind::Float32: return run_conv<float>(p, dtype, false, in, out, stream);
-    case ScalarKind::Float64: return run_conv<double>(p, dtype, false, in, out, stream);
-    case ScalarKind::Float16: return run_conv<__half>(p, dtype, false, in, out, stream);
-    case ScalarKind::BFloat16: return run_conv<__nv_bfloat16>(p, dtype, false, in, out, stream);
+    case ScalarKind::Float32: return fn(float{});
+    case ScalarKind::Float64: return fn(double{});
+    case ScalarKind::Float16: return fn(__half{});
+    case ScalarKind::BFloat16: return fn(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t depthwise_conv2d_forward(const DepthwiseConv2dParams& p, ScalarKind dtype, const void* in, void* out,
+                                     cudaStream_t stream) {
+  return with_element_type(dtype, [&](auto elem) {
+    return run_conv<decltype(elem)>(p, dtype, false, in, out, stream);
+  });
 }
 
 cudaError_t depthwise_conv2d_backward_input(const DepthwiseConv2dParams& p, ScalarKind dtype, const void* grad_out,
                                             void* grad_in, cudaStream_t stream) {
-  switch (dtype) {
-    case ScalarKind::Float32: return run_conv<float>(p, dtype, true, grad_out, grad_in, stream);
-    case ScalarKind::Float64: return run_conv<double>(p, dtype, true, grad_out, grad_in, stream);
-    case ScalarKind::Float16: return run_conv<__half>(p, dtype, true, grad_out, grad_in, stream);
-    case ScalarKind::BFloat16: return run_conv<__nv_bfloat16>(p, dtype, true, grad_out, grad_in, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto elem) {
+    return run_conv<decltype(elem)>(p, dtype, true, grad_out, grad_in, stream);
+  });
 }
 
 cudaError_t depthwise_conv2d_backward_weight(const DepthwiseConv2dParams& p, ScalarKind dtype, const void* grad_out,
                                              const void* in, cudaStream_t stream) {
-  switch (dtype) {
-    case ScalarKind::Float32: return run_wgrad<float>(p, dtype, grad_out, in, stream);
-    case ScalarKind::Float64: return run_wgrad<double>(p, dtype, grad_out, in, stream);
-    case ScalarKind::Float16: return run_wgrad<__half>(p, dtype, grad_out, in, stream);
-    case ScalarKind::BFloat16: return run_wgrad<__nv_bfloat16>(p, dtype, grad_out, in, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_element_type(dtype, [&](auto elem) { return run_wgrad<decltype(elem)>(p, dtype, grad_out, in, stream); });
 }
 
 }  // namespace fusekit::cuda

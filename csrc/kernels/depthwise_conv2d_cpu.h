@@ -23,6 +23,7 @@ namespace fusekit::cpu {
 
 constexpr int kLanes = 16;       // channels per block: one AVX-512 fp32 vector
 constexpr int kOutBlock = 8;     // output columns (forward) / taps (backward-weight) held in registers
+constexpr int kMaxGroupBlocks = 8;  // channel blocks one work item may pack together
 
 // ----------------------------------------------------------------------------------------------
 // storage types and conversion to the accumulation type
@@ -118,29 +119,30 @@ inline int64_t tile_cols(const SegmentGeometry& g) {
 
 struct Plan {
   int64_t band = 1;              // target rows per work item
-  int64_t bands = 1;             // bands per (n, channel block)
-  int64_t blocks = 0;            // channel blocks over all segments
-  int64_t items = 0;             // N * blocks * bands
+  int64_t bands = 1;             // bands per (n, channel group)
+  int64_t group = 1;             // channel blocks per work item (channels_last packs them in one pass)
+  int64_t units = 0;             // channel groups over all segments
+  int64_t items = 0;             // N * units * bands
   int64_t scratch_elems = 0;     // accumulation-type elements of scratch one thread needs
   int64_t grad_weight_elems = 0; // backward-weight: per-thread accumulator elements (weights + bias)
 };
 
 inline int64_t segment_blocks(const DepthwiseSegment& s) { return ceil_div(s.c_end - s.c_begin, kLanes); }
+inline int64_t segment_units(const DepthwiseSegment& s, int64_t group) { return ceil_div(segment_blocks(s), group); }
 
 // Chooses the band height: tiles small enough to stay in L2, and enough items for every thread.
 inline Plan make_plan(const DepthwiseConv2dParams& p, Direction d, int threads, int64_t acc_bytes) {
   Plan plan;
   int64_t tgt_H = d == Direction::BackwardInput ? p.H : p.Ho;
-  int64_t max_tile = 0, max_cols = 0, max_taps = 0;
+  int64_t max_tile = 0, max_cols = 0, max_taps = 0, max_blocks = 1;
   for (int s = 0; s < p.num_segments; ++s) {
-    plan.blocks += segment_blocks(p.seg[s]);
+    max_blocks = std::max(max_blocks, segment_blocks(p.seg[s]));
     if (p.seg[s].kh > 0) {
       plan.grad_weight_elems += (p.seg[s].c_end - p.seg[s].c_begin) * (p.seg[s].kh * p.seg[s].kw + 1);
       max_taps = std::max(max_taps, p.seg[s].kh * p.seg[s].kw);
     }
   }
   constexpr int64_t kTileBudget = 1 << 20;  // bytes of packed input per item (L2 is >= 1 MiB per core)
-  int64_t band = std::max<int64_t>(tgt_H, 1);
   auto tile_bytes = [&](int64_t b) {
     int64_t worst = 0;
     for (int s = 0; s < p.num_segments; ++s) {
@@ -150,36 +152,59 @@ inline Plan make_plan(const DepthwiseConv2dParams& p, Direction d, int threads, 
     }
     return worst * kLanes * acc_bytes;
   };
-  while (band > 1 && tile_bytes(band) > kTileBudget) band = ceil_div(band, 2);
-  while (band > 4 && p.N * plan.blocks * ceil_div(tgt_H, band) < 4 * int64_t(threads)) band = ceil_div(band, 2);
+  auto items = [&](int64_t group, int64_t band) {
+    int64_t units = 0;
+    for (int s = 0; s < p.num_segments; ++s) units += segment_units(p.seg[s], group);
+    return p.N * units * ceil_div(tgt_H, band);
+  };
+  // channels_last rows hold every channel of a pixel contiguously: packing several blocks per item
+  // reads them in one streaming pass instead of one strided 64-byte read per block
+  int64_t group = (p.channels_last && d != Direction::BackwardWeight) ? std::min<int64_t>(max_blocks, 8) : 1;
+  int64_t halo = 0;  // extra tile rows a band needs beyond its own
+  for (int s = 0; s < p.num_segments; ++s)
+    if (p.seg[s].kh > 0) halo = std::max(halo, (p.seg[s].kh - 1) * p.dil_h);
+  int64_t band = std::max<int64_t>(tgt_H, 1);
+  // shrink bands while they stay at least twice the halo (repacked per band), then the group
+  while (band > 2 * halo && band > 1 && group * tile_bytes(band) > kTileBudget) band = ceil_div(band, 2);
+  while (group > 1 && group * tile_bytes(band) > kTileBudget) group = ceil_div(group, 2);
+  while (band > 1 && group * tile_bytes(band) > kTileBudget) band = ceil_div(band, 2);
+  while (band > 4 && items(group, band) < 4 * int64_t(threads)) band = ceil_div(band, 2);
+  while (group > 1 && items(group, band) < 4 * int64_t(threads)) group = ceil_div(group, 2);
+  plan.group = group;
   plan.band = band;
   plan.bands = ceil_div(tgt_H, band);
-  plan.items = p.N * plan.blocks * plan.bands;
+  for (int s = 0; s < p.num_segments; ++s) plan.units += segment_units(p.seg[s], group);
+  plan.items = p.N * plan.units * plan.bands;
   for (int s = 0; s < p.num_segments; ++s) {
     if (p.seg[s].kh == 0) continue;
     SegmentGeometry g = segment_geometry(p, p.seg[s], d);
     max_tile = std::max(max_tile, tile_rows(g, band) * tile_cols(g));
     max_cols = std::max(max_cols, g.tgt_W);
   }
-  // tile + packed weights + row accumulators (or the packed grad_out band) + alignment slack
-  int64_t second = d == Direction::BackwardWeight ? band * p.Wo : max_cols;  // grad_out band, or row accumulators
-  plan.scratch_elems = (max_tile + max_taps + second + 4) * kLanes;
+  // per block: tile + packed weights + row accumulators (or the packed grad_out band) + alignment slack
+  int64_t second = d == Direction::BackwardWeight ? band * p.Wo : max_cols;
+  plan.scratch_elems = group * (max_tile + max_taps + second + 4) * kLanes;
   return plan;
 }
 
-struct ItemIndex { int64_t n; int seg; int64_t c0; int cb; int64_t row0; int64_t rows; };
+// One work item: channels [c0, c0 + nc) of segment seg (ceil(nc / kLanes) blocks), image n,
+// target rows [row0, row0 + rows).
+struct ItemIndex { int64_t n; int seg; int64_t c0; int64_t nc; int64_t row0; int64_t rows; };
+
+inline int block_lanes(const ItemIndex& it, int64_t b) { return int(std::min<int64_t>(kLanes, it.nc - b * kLanes)); }
+inline int64_t item_blocks(const ItemIndex& it) { return ceil_div(it.nc, kLanes); }
 
 inline ItemIndex decode_item(const DepthwiseConv2dParams& p, const Plan& plan, int64_t tgt_H, int64_t item) {
   ItemIndex it{};
   int64_t band_idx = item % plan.bands;
   int64_t rest = item / plan.bands;
-  int64_t block = rest % plan.blocks;
-  it.n = rest / plan.blocks;
+  int64_t unit = rest % plan.units;
+  it.n = rest / plan.units;
   int s = 0;
-  while (block >= segment_blocks(p.seg[s])) block -= segment_blocks(p.seg[s++]);
+  while (unit >= segment_units(p.seg[s], plan.group)) unit -= segment_units(p.seg[s++], plan.group);
   it.seg = s;
-  it.c0 = p.seg[s].c_begin + block * kLanes;
-  it.cb = int(std::min<int64_t>(kLanes, p.seg[s].c_end - it.c0));
+  it.c0 = p.seg[s].c_begin + unit * plan.group * kLanes;
+  it.nc = std::min<int64_t>(plan.group * kLanes, p.seg[s].c_end - it.c0);
   it.row0 = band_idx * plan.band;
   it.rows = std::min(plan.band, tgt_H - it.row0);
   return it;
@@ -189,55 +214,70 @@ inline ItemIndex decode_item(const DepthwiseConv2dParams& p, const Plan& plan, i
 // packing
 // ----------------------------------------------------------------------------------------------
 
-// tile[r][q][lane] = src[n, c0 + lane, v / up_h, u / up_w] with v = vrow0 + r, u = vcol0 + q when
-// v, u are non-negative multiples of the upsampling inside the source, else 0 (also lanes >= cb).
+// For each block b of the nc channels starting at src_nc0 (lanes beyond nc are 0):
+// tiles[b][r][q][lane] = src[n, c0 + 16b + lane, v / up_h, u / up_w] with v = vrow0 + r,
+// u = vcol0 + q when v, u are non-negative multiples of the upsampling inside the source, else 0.
+// The tiles of consecutive blocks are tile_elems apart. In channels_last every pixel's channels
+// are read in one contiguous pass over all blocks.
 template <typename T, typename A>
-FUSEKIT_INLINE void pack_tile(A* tile, int64_t rows, int64_t cols, const T* src_nc0, const int64_t* st,
-                              int64_t src_H, int64_t src_W, int64_t up_h, int64_t up_w, int64_t vrow0,
-                              int64_t vcol0, int cb, bool channels_last) {
+FUSEKIT_INLINE void pack_tiles(A* tiles, int64_t tile_elems, int64_t rows, int64_t cols, const T* src_nc0,
+                               const int64_t* st, int64_t src_H, int64_t src_W, int64_t up_h, int64_t up_w,
+                               int64_t vrow0, int64_t vcol0, int64_t nc, bool channels_last) {
+  using vec = typename VecOf<A>::type;
+  const int64_t nb = ceil_div(nc, kLanes);
+  const int last = int(nc - (nb - 1) * kLanes);  // lanes of the last block
   // columns q whose virtual column is a multiple of up_w inside [0, (src_W - 1) * up_w]
-  int64_t q_first = vcol0 >= 0 ? (up_w - vcol0 % up_w) % up_w : -vcol0;
-  int64_t q_end = std::min(cols, (src_W - 1) * up_w - vcol0 + 1);
-  // Without upsampling and with full lanes, the copy below overwrites the interior: zero only
-  // the padding border (a full memset costs as much as the copy at small kernels).
-  const bool dense = up_h == 1 && up_w == 1 && cb == kLanes;
-  if (!dense) std::memset(tile, 0, sizeof(A) * rows * cols * kLanes);
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t v = vrow0 + r;
-    A* dst_row = tile + r * cols * kLanes;
-    const bool valid = v >= 0 && v % up_h == 0 && v / up_h < src_H;
-    if (dense) {
-      if (!valid || q_end <= q_first) {
+  const int64_t q_first = vcol0 >= 0 ? (up_w - vcol0 % up_w) % up_w : -vcol0;
+  const int64_t q_end = std::min(cols, (src_W - 1) * up_w - vcol0 + 1);
+  // Without upsampling and with full lanes the copy overwrites the interior: zero only the
+  // padding border (a full memset costs as much as the copy at small kernels).
+  for (int64_t b = 0; b < nb; ++b) {
+    A* tile = tiles + b * tile_elems;
+    const bool dense = up_h == 1 && up_w == 1 && (b < nb - 1 || last == kLanes);
+    if (!dense) {
+      std::memset(tile, 0, sizeof(A) * rows * cols * kLanes);
+      continue;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t v = vrow0 + r;
+      A* dst_row = tile + r * cols * kLanes;
+      if (v < 0 || v >= src_H || q_end <= q_first) {
         std::memset(dst_row, 0, sizeof(A) * cols * kLanes);
       } else {
         std::memset(dst_row, 0, sizeof(A) * q_first * kLanes);
         std::memset(dst_row + q_end * kLanes, 0, sizeof(A) * (cols - q_end) * kLanes);
       }
     }
-    if (!valid) continue;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t v = vrow0 + r;
+    if (v < 0 || v % up_h != 0 || v / up_h >= src_H) continue;
     const T* src_row = src_nc0 + (v / up_h) * st[2];
     if (channels_last) {
       for (int64_t q = q_first; q < q_end; q += up_w) {
         const T* __restrict__ s = src_row + ((vcol0 + q) / up_w) * st[3];
-        A* __restrict__ d = dst_row + q * kLanes;
-        if (cb == kLanes) {  // one vector per pixel (GCC keeps the element loop scalar)
-          typename VecOf<A>::type v;
-          if constexpr (std::is_same_v<T, A>) {
-            std::memcpy(&v, s, sizeof(v));
+        A* d = tiles + (r * cols + q) * kLanes;
+        for (int64_t b = 0; b < nb; ++b, s += kLanes, d += tile_elems) {
+          if (b < nb - 1 || last == kLanes) {  // one vector per block (GCC keeps the element loop scalar)
+            vec x;
+            if constexpr (std::is_same_v<T, A>) {
+              std::memcpy(&x, s, sizeof(x));
+            } else {
+              A tmp[kLanes];
+              for (int l = 0; l < kLanes; ++l) tmp[l] = to_acc(s[l]);
+              std::memcpy(&x, tmp, sizeof(x));
+            }
+            *reinterpret_cast<vec*>(d) = x;
           } else {
-            A tmp[kLanes];
-            for (int l = 0; l < kLanes; ++l) tmp[l] = to_acc(s[l]);
-            std::memcpy(&v, tmp, sizeof(v));
+            for (int l = 0; l < last; ++l) d[l] = to_acc(s[l]);
           }
-          *reinterpret_cast<typename VecOf<A>::type*>(d) = v;
-        } else {
-          for (int l = 0; l < cb; ++l) d[l] = to_acc(s[l]);
         }
       }
     } else {
-      for (int l = 0; l < cb; ++l) {
-        const T* s = src_row + l * st[1];
-        for (int64_t q = q_first; q < q_end; q += up_w) dst_row[q * kLanes + l] = to_acc(s[((vcol0 + q) / up_w) * st[3]]);
+      for (int64_t c = 0; c < nc; ++c) {
+        const T* s = src_row + c * st[1];
+        A* dst_row = tiles + (c / kLanes) * tile_elems + r * cols * kLanes + c % kLanes;
+        for (int64_t q = q_first; q < q_end; q += up_w) dst_row[q * kLanes] = to_acc(s[((vcol0 + q) / up_w) * st[3]]);
       }
     }
   }
@@ -316,42 +356,60 @@ FUSEKIT_INLINE void accumulate_kernel_row(typename VecOf<A>::type* acc, const A*
   }
 }
 
-// Forward / backward-input of one work item of a convolution segment.
+// Forward / backward-input of one work item of a convolution segment (all its channel blocks).
 template <typename T, typename A, int Block>
 FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeometry& g, const DepthwiseSegment& s,
                               const ItemIndex& it, const T* src, const int64_t* src_st, T* dst,
                               const int64_t* dst_st, bool use_bias, A* scratch) {
   using vec = typename VecOf<A>::type;
   const int64_t rows = tile_rows(g, it.rows), cols = tile_cols(g);
-  A* tile = scratch;
-  A* wt = tile + rows * cols * kLanes;
-  vec* acc = reinterpret_cast<vec*>(wt + g.kh * g.kw * kLanes);
-  pack_tile(tile, rows, cols, src + it.n * src_st[0] + it.c0 * src_st[1], src_st, g.src_H, g.src_W, g.up_h, g.up_w,
-            it.row0 * g.step_h - g.off_h, -g.off_w, it.cb, p.channels_last);
-  pack_weights<T>(wt, s, it.c0, it.cb, g.flip);
-  vec bias{};
-  if (use_bias && s.bias != nullptr) {
-    A b[kLanes] = {};
-    for (int l = 0; l < it.cb; ++l) b[l] = to_acc(static_cast<const T*>(s.bias)[it.c0 - s.c_begin + l]);
-    std::memcpy(&bias, b, sizeof(b));
+  const int64_t nb = item_blocks(it), taps = g.kh * g.kw;
+  const int64_t tile_elems = rows * cols * kLanes;
+  A* tiles = scratch;                                   // [nb][rows][cols][lanes]
+  A* wts = tiles + nb * tile_elems;                     // [nb][taps][lanes]
+  vec* accs = reinterpret_cast<vec*>(wts + nb * taps * kLanes);  // [nb][tgt_W]
+  pack_tiles(tiles, tile_elems, rows, cols, src + it.n * src_st[0] + it.c0 * src_st[1], src_st, g.src_H, g.src_W,
+             g.up_h, g.up_w, it.row0 * g.step_h - g.off_h, -g.off_w, it.nc, p.channels_last);
+  vec bias[kMaxGroupBlocks] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t cb0 = it.c0 + b * kLanes;
+    pack_weights<T>(wts + b * taps * kLanes, s, cb0, block_lanes(it, b), g.flip);
+    if (use_bias && s.bias != nullptr) {
+      A lanes[kLanes] = {};
+      for (int l = 0; l < block_lanes(it, b); ++l) lanes[l] = to_acc(static_cast<const T*>(s.bias)[cb0 - s.c_begin + l]);
+      std::memcpy(&bias[b], lanes, sizeof(lanes));
+    }
   }
   T* dst_nc0 = dst + it.n * dst_st[0] + it.c0 * dst_st[1];
   for (int64_t r = 0; r < it.rows; ++r) {
-    for (int64_t wo = 0; wo < g.tgt_W; ++wo) acc[wo] = bias;
-    for (int64_t i = 0; i < g.kh; ++i)
-      accumulate_kernel_row<A, Block>(acc, tile + (r * g.step_h + i * g.dil_h) * cols * kLanes, wt + i * g.kw * kLanes,
-                               g.tgt_W, g.kw, g.step_w, g.dil_w);
+    for (int64_t b = 0; b < nb; ++b) {
+      vec* acc = accs + b * g.tgt_W;
+      for (int64_t wo = 0; wo < g.tgt_W; ++wo) acc[wo] = bias[b];
+      const A* tile = tiles + b * tile_elems;
+      for (int64_t i = 0; i < g.kh; ++i)
+        accumulate_kernel_row<A, Block>(acc, tile + (r * g.step_h + i * g.dil_h) * cols * kLanes,
+                                        wts + (b * taps + i * g.kw) * kLanes, g.tgt_W, g.kw, g.step_w, g.dil_w);
+    }
     T* out_row = dst_nc0 + (it.row0 + r) * dst_st[2];
-    const A* a = reinterpret_cast<const A*>(acc);
-    if (p.channels_last && it.cb == kLanes) {  // constant trip count: vector stores
-      for (int64_t wo = 0; wo < g.tgt_W; ++wo)
-        for (int l = 0; l < kLanes; ++l) out_row[wo * dst_st[3] + l] = from_acc<T>(a[wo * kLanes + l]);
-    } else if (p.channels_last) {
-      for (int64_t wo = 0; wo < g.tgt_W; ++wo)
-        for (int l = 0; l < it.cb; ++l) out_row[wo * dst_st[3] + l] = from_acc<T>(a[wo * kLanes + l]);
+    const A* a = reinterpret_cast<const A*>(accs);
+    if (p.channels_last) {  // every channel of a pixel in one contiguous pass
+      for (int64_t wo = 0; wo < g.tgt_W; ++wo) {
+        T* __restrict__ o = out_row + wo * dst_st[3];
+        for (int64_t b = 0; b < nb; ++b, o += kLanes) {
+          const A* ab = a + (b * g.tgt_W + wo) * kLanes;
+          if (block_lanes(it, b) == kLanes) {
+            for (int l = 0; l < kLanes; ++l) o[l] = from_acc<T>(ab[l]);
+          } else {
+            for (int l = 0; l < block_lanes(it, b); ++l) o[l] = from_acc<T>(ab[l]);
+          }
+        }
+      }
     } else {
-      for (int l = 0; l < it.cb; ++l)
-        for (int64_t wo = 0; wo < g.tgt_W; ++wo) out_row[l * dst_st[1] + wo * dst_st[3]] = from_acc<T>(a[wo * kLanes + l]);
+      for (int64_t c = 0; c < it.nc; ++c) {
+        const A* ab = a + (c / kLanes) * g.tgt_W * kLanes + c % kLanes;
+        T* o = out_row + c * dst_st[1];
+        for (int64_t wo = 0; wo < g.tgt_W; ++wo) o[wo * dst_st[3]] = from_acc<T>(ab[wo * kLanes]);
+      }
     }
   }
 }
@@ -361,7 +419,7 @@ template <typename T>
 FUSEKIT_INLINE void copy_item(const ItemIndex& it, int64_t W, const T* src, const int64_t* src_st, T* dst,
                               const int64_t* dst_st) {
   for (int64_t r = it.row0; r < it.row0 + it.rows; ++r)
-    for (int l = 0; l < it.cb; ++l)
+    for (int64_t l = 0; l < it.nc; ++l)
       for (int64_t w = 0; w < W; ++w)
         dst[it.n * dst_st[0] + (it.c0 + l) * dst_st[1] + r * dst_st[2] + w * dst_st[3]] =
             src[it.n * src_st[0] + (it.c0 + l) * src_st[1] + r * src_st[2] + w * src_st[3]];
@@ -419,10 +477,11 @@ FUSEKIT_INLINE void backward_weight_items(const DepthwiseConv2dParams& p, const 
     const int64_t rows = tile_rows(g, it.rows), cols = tile_cols(g);
     A* tile = scratch;
     A* gtile = tile + rows * cols * kLanes;
-    pack_tile(tile, rows, cols, in + it.n * p.in_stride[0] + it.c0 * p.in_stride[1], p.in_stride, p.H, p.W, 1, 1,
-              it.row0 * p.stride_h - s.pad_top, -s.pad_left, it.cb, p.channels_last);
-    pack_tile(gtile, it.rows, p.Wo, grad_out + it.n * p.out_stride[0] + it.c0 * p.out_stride[1], p.out_stride, p.Ho,
-              p.Wo, 1, 1, it.row0, 0, it.cb, p.channels_last);
+    // one channel block per item here (plan.group == 1 for the weight gradient)
+    pack_tiles(tile, 0, rows, cols, in + it.n * p.in_stride[0] + it.c0 * p.in_stride[1], p.in_stride, p.H, p.W, 1,
+               1, it.row0 * p.stride_h - s.pad_top, -s.pad_left, it.nc, p.channels_last);
+    pack_tiles(gtile, 0, it.rows, p.Wo, grad_out + it.n * p.out_stride[0] + it.c0 * p.out_stride[1], p.out_stride,
+               p.Ho, p.Wo, 1, 1, it.row0, 0, it.nc, p.channels_last);
     // this segment's slice of the accumulator
     int64_t offset = 0;
     for (int k = 0; k < it.seg; ++k)
@@ -485,7 +544,7 @@ FUSEKIT_INLINE void backward_weight_items(const DepthwiseConv2dParams& p, const 
         }
       }
     }
-    for (int l = 0; l < it.cb; ++l) {
+    for (int l = 0; l < it.nc; ++l) {
       gb[l] += bsum[l];
       for (int64_t k = 0; k < taps; ++k) gw[l * taps + k] += tap_acc[k][l];
     }

@@ -177,6 +177,82 @@ template <typename A> FUSEKIT_DW_HD void sm_st(A* p, A v) {
   *p = v;
 }
 
+// Index of logical column `col` in a row de-interleaved by `mod` (classes col % mod of `cls`
+// slots each, one after the other).
+FUSEKIT_DW_HD int deinterleaved_index(int col, int mod, const FastDivmod& div, int cls) {
+  if (mod > 1) {
+    uint32_t q, r;
+    div.divmod(static_cast<uint32_t>(col), q, r);
+    return static_cast<int>(r) * cls + static_cast<int>(q);
+  }
+  return col;
+}
+
+// minor += step, carrying whole multiples of len into major (walks over rows x columns or
+// planes x rows; step may exceed len).
+FUSEKIT_DW_HD void advance_wrapped(int& minor, int& major, int step, int len) {
+  minor += step;
+  while (minor >= len) {
+    minor -= len;
+    ++major;
+  }
+}
+
+// How a block's threads cover rows of `cols` columns (coalesced NCHW access): thread t takes
+// columns c_start, c_start + c_step, ... of the row slots r_start, r_start + r_step, ...; a
+// thread with r_start >= r_step has none.
+struct RowSplit {
+  int c_start, c_step, r_start, r_step;
+};
+
+FUSEKIT_DW_HD RowSplit row_split(int cols, int threads, int t) {
+  if (cols >= threads) return RowSplit{t, threads, 0, 1};
+  const int r_start = t / cols;
+  return RowSplit{t - r_start * cols, cols, r_start, threads / cols};
+}
+
+// A source plane in global memory; reads outside [0, H) x [0, W) are the zero padding.
+template <typename T> struct SrcPlane {
+  const T* base;
+  int64_t stride_h, stride_w;
+  int H, W;
+};
+
+// Stages window row `row` of a plane's source window `w` (fields row0, col0, cols) into row_sm:
+// columns c_start, c_start + c_step, ... placed by slot(col).
+template <typename T, typename A, typename Win, typename Slot>
+FUSEKIT_DW_HD void stage_row_padded(const SrcPlane<T>& src, const Win& w, int row, int c_start, int c_step, A* row_sm,
+                                    Slot slot) {
+  const int64_t sr = w.row0 + row;
+  const bool row_ok = sr >= 0 && sr < src.H;
+  const T* row_src = src.base + sr * src.stride_h;
+  for (int col = c_start; col < w.cols; col += c_step) {
+    const int64_t sc = w.col0 + col;
+    A v = A(0);
+    if (row_ok && sc >= 0 && sc < src.W) v = Io<T>::template ld<A>(row_src + sc * src.stride_w);
+    sm_st(row_sm + slot(col), v);
+  }
+}
+
+// NHWC staging of one plane's source window `w` (fields row0, col0, rows, cols): the threads of
+// the block walk one common rows_b x cols_b sequence (so that a warp reads consecutive channels
+// of one pixel), this one from position sp0 in steps of `step`, staging what lies in its window.
+template <typename T, typename A, typename Win, typename Slot>
+FUSEKIT_DW_HD void stage_window_nhwc(const SrcPlane<T>& src, const Win& w, int rows_b, int cols_b, int sp0, int step,
+                                     A* plane_sm, int pitch, Slot slot) {
+  int row = sp0 / cols_b, col = sp0 - row * cols_b;
+  while (row < rows_b) {
+    if (row < w.rows && col < w.cols) {
+      const int64_t sr = w.row0 + row, sc = w.col0 + col;
+      A v = A(0);
+      if (sr >= 0 && sr < src.H && sc >= 0 && sc < src.W)
+        v = Io<T>::template ld<A>(src.base + sr * src.stride_h + sc * src.stride_w);
+      sm_st(plane_sm + row * pitch + slot(col), v);
+    }
+    advance_wrapped(col, row, step, cols_b);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Segments
 // ---------------------------------------------------------------------------------------------
@@ -392,85 +468,46 @@ FUSEKIT_DW_HD void conv_block_extent(const ConvTileArgs& a, const ConvBlock& k, 
 
 // Shared-memory slot of staged column `col` (de-interleaved by col_mod, then skewed).
 template <int LOG_RW> FUSEKIT_DW_HD int conv_col_slot(const ConvTileArgs& a, int col) {
-  int idx = col;
-  if (a.col_mod > 1) {
-    uint32_t q, r;
-    a.col_div.divmod(static_cast<uint32_t>(col), q, r);
-    idx = static_cast<int>(r) * a.class_len + static_cast<int>(q);
-  }
-  return skew<LOG_RW>(idx);
+  return skew<LOG_RW>(deinterleaved_index(col, a.col_mod, a.col_div, a.class_len));
 }
 
 // Slot of kernel column j in a staged weight row (de-interleaved like the columns).
-FUSEKIT_DW_HD int conv_w_slot(const ConvTileArgs& a, int j) {
-  if (a.col_mod > 1) {
-    uint32_t q, r;
-    a.col_div.divmod(static_cast<uint32_t>(j), q, r);
-    return static_cast<int>(r) * a.wcl + static_cast<int>(q);
-  }
-  return j;
-}
+FUSEKIT_DW_HD int conv_w_slot(const ConvTileArgs& a, int j) { return deinterleaved_index(j, a.col_mod, a.col_div, a.wcl); }
 
 // Phase 1 (per thread t): stage the source windows and the weights of chunk `chunk`.
 template <typename T, typename A>
 FUSEKIT_DW_HD void conv_stage(const ConvTileArgs& a, const ConvBlock& k, int chunk, A* src_sm, A* w_sm, int t) {
   constexpr int LOG_RW = RegTile<A>::LOG_RW;
   const T* src = static_cast<const T*>(a.src);
+  const auto slot = [&a](int col) { return conv_col_slot<LOG_RW>(a, col); };
   if (!a.channels_last) {
     // (plane, row) slots, consecutive threads along a row (coalesced NCHW reads).
-    const int cols = a.hw;
-    int c_start, c_step, r_start, r_step;
-    if (cols >= a.threads) {
-      c_start = t;
-      c_step = a.threads;
-      r_start = 0;
-      r_step = 1;
-    } else {
-      r_step = a.threads / cols;
-      r_start = t / cols;
-      c_start = t - r_start * cols;
-      c_step = cols;
-    }
-    if (r_start < r_step) {
-      int g = r_start / a.hh, row = r_start - g * a.hh;
+    const RowSplit sp = row_split(a.hw, a.threads, t);
+    if (sp.r_start < sp.r_step) {
+      int g = sp.r_start / a.hh, row = sp.r_start - g * a.hh;
       while (g < a.G) {
         const int g_now = g;
         const PlaneRef p = conv_plane(a, k, g);
         StageWin w{0, 0, 0, 0, 0, 0};
         if (p.seg >= 0) w = conv_window(a, a.seg[p.seg], k, chunk);
         A* plane_sm = src_sm + g * a.plane_elems;
-        const T* plane_src = src + p.src_off;
+        const SrcPlane<T> plane_src{src + p.src_off, a.src_stride[2], a.src_stride[3], a.Hs, a.Ws};
         while (g == g_now) {
-          if (row < w.rows) {
-            const int64_t sr = w.row0 + row;
-            const bool row_ok = sr >= 0 && sr < a.Hs;
-            const T* row_src = plane_src + sr * a.src_stride[2];
-            A* row_sm = plane_sm + row * a.pitch;
-            for (int col = c_start; col < w.cols; col += c_step) {
-              const int64_t sc = w.col0 + col;
-              A v = A(0);
-              if (row_ok && sc >= 0 && sc < a.Ws) v = Io<T>::template ld<A>(row_src + sc * a.src_stride[3]);
-              sm_st(row_sm + conv_col_slot<LOG_RW>(a, col), v);
-            }
-          }
-          row += r_step;
-          while (row >= a.hh) {
-            row -= a.hh;
-            ++g;
-          }
+          if (row < w.rows) stage_row_padded(plane_src, w, row, sp.c_start, sp.c_step, plane_sm + row * a.pitch, slot);
+          advance_wrapped(row, g, sp.r_step, a.hh);
         }
       }
     }
   } else {
     // Consecutive threads: consecutive channels at the same (row, col) (coalesced NHWC reads).
     const int g = t % a.G;
-    const int sp0 = t / a.G;
     int rows_b, cols_b;
     conv_block_extent(a, k, chunk, rows_b, cols_b);
     const PlaneRef p = conv_plane(a, k, g);
     StageWin w{0, 0, 0, 0, 0, 0};
     if (p.seg >= 0) w = conv_window(a, a.seg[p.seg], k, chunk);
     if (cols_b > 0) {
+      const int sp0 = t / a.G;
       A* plane_sm = src_sm + g * a.plane_elems;
       const T* plane_src = src + p.src_off;
       int row = sp0 / cols_b, col = sp0 - row * cols_b;
@@ -625,59 +662,46 @@ FUSEKIT_DW_UNROLL
     for (int r = 0; r < RW; ++r) sm_st(base + (tp.ty * RH + rh) * a.out_pitch + r, acc[rh][r]);
 }
 
+// Bias of a plane (zero without one).
+template <typename T, typename A> FUSEKIT_DW_HD A conv_plane_bias(const ConvTileArgs& a, const PlaneRef& p) {
+  if (p.seg >= 0 && a.seg[p.seg].bias != nullptr)
+    return Io<T>::template ld<A>(static_cast<const T*>(a.seg[p.seg].bias) + p.c_local);
+  return A(0);
+}
+
 // Phase 4 (per thread t): add the bias and store the staged output tile (coalesced).
 template <typename T, typename A>
 FUSEKIT_DW_HD void conv_writeback(const ConvTileArgs& a, const ConvBlock& k, const A* out_sm, int t) {
   constexpr int LOG_RW = RegTile<A>::LOG_RW;
   T* dst = static_cast<T*>(a.dst);
   if (!a.channels_last) {
-    const int cols = a.TW;
-    int c_start, c_step, r_start, r_step;
-    if (cols >= a.threads) {
-      c_start = t;
-      c_step = a.threads;
-      r_start = 0;
-      r_step = 1;
-    } else {
-      r_step = a.threads / cols;
-      r_start = t / cols;
-      c_start = t - r_start * cols;
-      c_step = cols;
-    }
-    if (r_start >= r_step) return;
-    int g = r_start / a.TH, row = r_start - g * a.TH;
+    const RowSplit sp = row_split(a.TW, a.threads, t);
+    if (sp.r_start >= sp.r_step) return;
+    int g = sp.r_start / a.TH, row = sp.r_start - g * a.TH;
     while (g < a.G) {
       const int g_now = g;
       const PlaneRef p = conv_plane(a, k, g);
-      A bias = A(0);
-      if (p.seg >= 0 && a.seg[p.seg].bias != nullptr)
-        bias = Io<T>::template ld<A>(static_cast<const T*>(a.seg[p.seg].bias) + p.c_local);
+      const A bias = conv_plane_bias<T, A>(a, p);
       const A* plane_out = out_sm + g * a.out_plane;
       while (g == g_now) {
         const int64_t oy = k.oy0 + row;
         if (p.exists && oy < a.Hd) {
           T* row_dst = dst + p.dst_off + oy * a.dst_stride[2];
-          for (int col = c_start; col < a.TW; col += c_step) {
+          for (int col = sp.c_start; col < a.TW; col += sp.c_step) {
             const int64_t ox = k.ox0 + col;
             if (ox >= a.Wd) break;
             const A v = p.seg >= 0 ? sm_ld(plane_out + row * a.out_pitch + skew<LOG_RW>(col)) + bias : A(0);
             Io<T>::st(row_dst + ox * a.dst_stride[3], v);
           }
         }
-        row += r_step;
-        while (row >= a.TH) {
-          row -= a.TH;
-          ++g;
-        }
+        advance_wrapped(row, g, sp.r_step, a.TH);
       }
     }
   } else {
     const int g = t % a.G;
     const PlaneRef p = conv_plane(a, k, g);
     if (!p.exists) return;
-    A bias = A(0);
-    if (p.seg >= 0 && a.seg[p.seg].bias != nullptr)
-      bias = Io<T>::template ld<A>(static_cast<const T*>(a.seg[p.seg].bias) + p.c_local);
+    const A bias = conv_plane_bias<T, A>(a, p);
     const A* plane_out = out_sm + g * a.out_plane;
     int sp = t / a.G;
     int row = sp / a.TW, col = sp - row * a.TW;
@@ -687,11 +711,7 @@ FUSEKIT_DW_HD void conv_writeback(const ConvTileArgs& a, const ConvBlock& k, con
         const A v = p.seg >= 0 ? sm_ld(plane_out + row * a.out_pitch + skew<LOG_RW>(col)) + bias : A(0);
         Io<T>::st(dst + p.dst_off + oy * a.dst_stride[2] + ox * a.dst_stride[3], v);
       }
-      col += a.S;
-      while (col >= a.TW) {
-        col -= a.TW;
-        ++row;
-      }
+      advance_wrapped(col, row, a.S, a.TW);
     }
   }
 }
@@ -877,24 +897,12 @@ FUSEKIT_DW_HD WWin wgrad_window(const WgradArgs& a, const SegDesc& s, const Wgra
 
 template <int LOG_RW>
 FUSEKIT_DW_HD int wgrad_x_slot(const WgradArgs& a, int col) {
-  int idx = col;
-  if (a.x_mod > 1) {
-    uint32_t q, r;
-    a.x_div.divmod(static_cast<uint32_t>(col), q, r);
-    idx = static_cast<int>(r) * a.x_cls + static_cast<int>(q);
-  }
-  return skew<LOG_RW>(idx);
+  return skew<LOG_RW>(deinterleaved_index(col, a.x_mod, a.x_div, a.x_cls));
 }
 
 template <int LOG_RW>
 FUSEKIT_DW_HD int wgrad_g_slot(const WgradArgs& a, int q) {
-  int idx = q;
-  if (a.g_mod > 1) {
-    uint32_t qq, r;
-    a.g_div.divmod(static_cast<uint32_t>(q), qq, r);
-    idx = static_cast<int>(r) * a.g_cls + static_cast<int>(qq);
-  }
-  return skew<LOG_RW>(idx);
+  return skew<LOG_RW>(deinterleaved_index(q, a.g_mod, a.g_div, a.g_cls));
 }
 
 // Phase 1 (per thread t): stage the gy tile and the x window of the pass.
@@ -904,6 +912,7 @@ FUSEKIT_DW_HD void wgrad_stage(const WgradArgs& a, int64_t cg, const WgradItem& 
   constexpr int LOG_RW = RegTile<A>::LOG_RW;
   const T* x = static_cast<const T*>(a.x);
   const T* gy = static_cast<const T*>(a.gy);
+  const auto x_slot = [&a](int col) { return wgrad_x_slot<LOG_RW>(a, col); };
   if (!a.channels_last) {
     // Every plane of the block is the same channel: one window for all of them.
     const WPlane p0 = wgrad_plane(a, cg, it, 0);
@@ -914,20 +923,14 @@ FUSEKIT_DW_HD void wgrad_stage(const WgradArgs& a, int64_t cg, const WgradItem& 
     const int64_t n_planes = lmin(a.G, a.N - it.n0);
     // gy rows: (plane, p) slots, threads along q.
     {
-      const int cols = a.TW;
-      int c_start, c_step, r_start, r_step;
-      if (cols >= a.threads) {
-        c_start = t; c_step = a.threads; r_start = 0; r_step = 1;
-      } else {
-        r_step = a.threads / cols; r_start = t / cols; c_start = t - r_start * cols; c_step = cols;
-      }
-      if (r_start < r_step) {
-        for (int r = r_start; r < n_planes * a.TH; r += r_step) {
+      const RowSplit sp = row_split(a.TW, a.threads, t);
+      if (sp.r_start < sp.r_step) {
+        for (int r = sp.r_start; r < n_planes * a.TH; r += sp.r_step) {
           const int g = r / a.TH, p = r - g * a.TH;
           const int64_t oy = it.oy0 + p;
           const T* row_src = gy + p0.gy_off + g * a.gy_stride[0] + oy * a.gy_stride[2];
           A* row_sm = gy_sm + g * a.g_plane + p * a.g_pitch;
-          for (int q = c_start; q < a.TW; q += c_step) {
+          for (int q = sp.c_start; q < a.TW; q += sp.c_step) {
             const int64_t ox = it.ox0 + q;
             A v = A(0);
             if (oy < a.Ho && ox < a.Wo) v = Io<T>::template ld<A>(row_src + ox * a.gy_stride[3]);
@@ -938,33 +941,15 @@ FUSEKIT_DW_HD void wgrad_stage(const WgradArgs& a, int64_t cg, const WgradItem& 
     }
     // x window rows.
     {
-      const int cols = a.hw;
-      int c_start, c_step, r_start, r_step;
-      if (cols >= a.threads) {
-        c_start = t; c_step = a.threads; r_start = 0; r_step = 1;
-      } else {
-        r_step = a.threads / cols; r_start = t / cols; c_start = t - r_start * cols; c_step = cols;
-      }
-      if (r_start < r_step) {
-        int g = r_start / a.hh, row = r_start - g * a.hh;
+      const RowSplit sp = row_split(a.hw, a.threads, t);
+      if (sp.r_start < sp.r_step) {
+        int g = sp.r_start / a.hh, row = sp.r_start - g * a.hh;
         while (g < n_planes) {
           if (row < w.rows) {
-            const int64_t sr = w.row0 + row;
-            const bool row_ok = sr >= 0 && sr < a.H;
-            const T* row_src = x + p0.x_off + g * a.x_stride[0] + sr * a.x_stride[2];
-            A* row_sm = x_sm + g * a.x_plane + row * a.x_pitch;
-            for (int col = c_start; col < w.cols; col += c_step) {
-              const int64_t sc = w.col0 + col;
-              A v = A(0);
-              if (row_ok && sc >= 0 && sc < a.W) v = Io<T>::template ld<A>(row_src + sc * a.x_stride[3]);
-              sm_st(row_sm + wgrad_x_slot<LOG_RW>(a, col), v);
-            }
+            const SrcPlane<T> plane_src{x + p0.x_off + g * a.x_stride[0], a.x_stride[2], a.x_stride[3], a.H, a.W};
+            stage_row_padded(plane_src, w, row, sp.c_start, sp.c_step, x_sm + g * a.x_plane + row * a.x_pitch, x_slot);
           }
-          row += r_step;
-          while (row >= a.hh) {
-            row -= a.hh;
-            ++g;
-          }
+          advance_wrapped(row, g, sp.r_step, a.hh);
         }
       }
     }
@@ -998,32 +983,12 @@ FUSEKIT_DW_HD void wgrad_stage(const WgradArgs& a, int64_t cg, const WgradItem& 
           if (oy < a.Ho && ox < a.Wo) v = Io<T>::template ld<A>(gy + p.gy_off + oy * a.gy_stride[2] + ox * a.gy_stride[3]);
           sm_st(plane_sm + row * a.g_pitch + wgrad_g_slot<LOG_RW>(a, col), v);
         }
-        col += step;
-        while (col >= a.TW) {
-          col -= a.TW;
-          ++row;
-        }
+        advance_wrapped(col, row, step, a.TW);
       }
     }
     // x window
-    {
-      int row = sp0 / cols_b, col = sp0 - row * cols_b;
-      A* plane_sm = x_sm + g * a.x_plane;
-      while (row < rows_b) {
-        if (row < w.rows && col < w.cols) {
-          const int64_t sr = w.row0 + row, sc = w.col0 + col;
-          A v = A(0);
-          if (sr >= 0 && sr < a.H && sc >= 0 && sc < a.W)
-            v = Io<T>::template ld<A>(x + p.x_off + sr * a.x_stride[2] + sc * a.x_stride[3]);
-          sm_st(plane_sm + row * a.x_pitch + wgrad_x_slot<LOG_RW>(a, col), v);
-        }
-        col += step;
-        while (col >= cols_b) {
-          col -= cols_b;
-          ++row;
-        }
-      }
-    }
+    const SrcPlane<T> plane_src{x + p.x_off, a.x_stride[2], a.x_stride[3], a.H, a.W};
+    stage_window_nhwc(plane_src, w, rows_b, cols_b, sp0, step, x_sm + g * a.x_plane, a.x_pitch, x_slot);
   }
 }
 
@@ -1129,6 +1094,15 @@ FUSEKIT_DW_UNROLL
   }
 }
 
+template <typename A, bool kSliding>
+FUSEKIT_DW_HD void wgrad_row(const WgradArgs& a, const A* x_plane, const A* grow, int p, int di, int dj,
+                             A (&acc)[RegTile<A>::RH][RegTile<A>::RW], A& gsum) {
+  if constexpr (kSliding)
+    wgrad_row_sliding(a, x_plane, grow, p, di, dj, acc, gsum);
+  else
+    wgrad_row_generic(a, x_plane, grow, p, di, dj, acc, gsum);
+}
+
 // Phase 2 (per thread): all the rows of the item assigned to the thread's row unit.
 template <typename A, bool kSliding>
 FUSEKIT_DW_HD void wgrad_compute(const WgradArgs& a, int64_t cg, const WgradItem& it, int i_lo, int j_lo,
@@ -1141,12 +1115,8 @@ FUSEKIT_DW_HD void wgrad_compute(const WgradArgs& a, int64_t cg, const WgradItem
     if (i_lo + role.di >= s.kh || j_lo + role.dj >= s.kw) return;
     const A* x_plane = x_sm + role.g * a.x_plane;
     const A* g_plane = gy_sm + role.g * a.g_plane;
-    for (int p = role.u; p < a.TH; p += a.U) {
-      if (kSliding)
-        wgrad_row_sliding(a, x_plane, g_plane + p * a.g_pitch, p, role.di, role.dj, acc, gsum);
-      else
-        wgrad_row_generic(a, x_plane, g_plane + p * a.g_pitch, p, role.di, role.dj, acc, gsum);
-    }
+    for (int p = role.u; p < a.TH; p += a.U)
+      wgrad_row<A, kSliding>(a, x_plane, g_plane + p * a.g_pitch, p, role.di, role.dj, acc, gsum);
   } else {
     const int si = wgrad_plane_seg(a, cg, it, 0);
     if (si < 0) return;
@@ -1155,10 +1125,8 @@ FUSEKIT_DW_HD void wgrad_compute(const WgradArgs& a, int64_t cg, const WgradItem
     const int rows = static_cast<int>(lmin(a.G, a.N - it.n0)) * a.TH;
     int g = role.u / a.TH, p = role.u - g * a.TH;
     for (int r = role.u; r < rows; r += a.U) {
-      if (kSliding)
-        wgrad_row_sliding(a, x_sm + g * a.x_plane, gy_sm + g * a.g_plane + p * a.g_pitch, p, role.di, role.dj, acc, gsum);
-      else
-        wgrad_row_generic(a, x_sm + g * a.x_plane, gy_sm + g * a.g_plane + p * a.g_pitch, p, role.di, role.dj, acc, gsum);
+      wgrad_row<A, kSliding>(a, x_sm + g * a.x_plane, gy_sm + g * a.g_plane + p * a.g_pitch, p, role.di, role.dj, acc,
+                             gsum);
       p += a.U;
       while (p >= a.TH) {
         p -= a.TH;
@@ -1294,6 +1262,36 @@ inline int bank_wavefronts(const int* elem, int lanes, int elem_bytes) {
   return total;
 }
 
+// Slots taken by n skewed columns (the last one's slot + 1).
+inline int skewed_extent(int n, int log_rw) { return (n - 1) + ((n - 1) >> log_rw) + 1; }
+
+// Searches row pitches pitch0 .. pitch0 + 7 and plane strides rows * pitch + 0 .. 31 for the
+// layout with the fewest wavefronts of the first warp's access (elem_of(lane, pitch, plane))
+// among those that fit (fits(plane)); stops at the first conflict-free one.
+template <typename ElemOf, typename Fits>
+inline void search_pitch(int pitch0, int rows, int lanes, int acc_bytes, ElemOf elem_of, Fits fits, int& best_pitch,
+                         int& best_plane) {
+  int elem[32];
+  best_pitch = pitch0;
+  best_plane = rows * pitch0;
+  int best_w = 1 << 30;
+  for (int dp = 0; dp < 8; ++dp) {
+    const int pitch = pitch0 + dp;
+    for (int dq = 0; dq < 32; ++dq) {
+      const int plane = rows * pitch + dq;
+      for (int l = 0; l < lanes; ++l) elem[l] = elem_of(l, pitch, plane);
+      const int wv = bank_wavefronts(elem, lanes, acc_bytes);
+      if (wv < best_w && fits(plane)) {
+        best_w = wv;
+        best_pitch = pitch;
+        best_plane = plane;
+      }
+      if (best_w <= acc_bytes / 4) break;
+    }
+    if (best_w <= acc_bytes / 4) break;
+  }
+}
+
 // Registers per thread the tile kernels are built for (see the launch bounds in the .cu file):
 // 3 blocks of 256 threads per SM for the sliding kernels, 2 for the others.
 constexpr int kSlidingRegs = 80, kWalkRegs = 128;
@@ -1350,9 +1348,9 @@ inline size_t conv_derive(ConvTileArgs& a, bool sliding, int RH, int RW, int LOG
     a.wcl = a.kw_max;
     a.w_row = a.kw_max;
   }
-  a.pitch = (a.col_mod * a.class_len - 1) + ((a.col_mod * a.class_len - 1) >> LOG_RW) + 1;
+  a.pitch = skewed_extent(a.col_mod * a.class_len, LOG_RW);
   a.plane_elems = a.hh * a.pitch;
-  a.out_pitch = (a.TW - 1) + ((a.TW - 1) >> LOG_RW) + 1;
+  a.out_pitch = skewed_extent(a.TW, LOG_RW);
   a.out_plane = a.TH * a.out_pitch;
   a.w_plane = a.KR * a.w_row;
   a.w_plane |= 1;  // odd: channels of one warp (NHWC) on distinct banks
@@ -1403,52 +1401,20 @@ inline double conv_cost(const ConvTileArgs& a, bool sliding, int RH, int RW, int
 // conflicts of the first warp's compute loads and output stores.
 inline void conv_tune_banks(ConvTileArgs& a, int RH, int RW, int LOG_RW, int acc_bytes, const DeviceLimits& lim) {
   const int lanes = imin(32, a.threads);
-  int elem[32];
   ThreadPos tp[32];
   for (int l = 0; l < lanes; ++l) tp[l] = conv_thread(a, l);
-  const int pitch0 = a.pitch, out_pitch0 = a.out_pitch;
-  auto region_bytes = [&](int plane, int out_plane) {
+  auto fits = [&](int plane, int out_plane) {
     const int region = imax(a.G * plane, a.G * out_plane);
-    return static_cast<size_t>(round_up(region, 4) + a.G * a.w_plane) * acc_bytes;
+    return static_cast<size_t>(round_up(region, 4) + a.G * a.w_plane) * acc_bytes <= static_cast<size_t>(lim.smem_optin);
   };
-  int best_pitch = pitch0, best_plane = a.hh * pitch0, best_w = 1 << 30;
-  for (int dp = 0; dp < 8; ++dp) {
-    const int pitch = pitch0 + dp;
-    for (int dq = 0; dq < 32; ++dq) {
-      const int plane = a.hh * pitch + dq;
-      for (int l = 0; l < lanes; ++l)
-        elem[l] = tp[l].g * plane + tp[l].ty * RH * a.sh * pitch + tp[l].tx * (RW + 1);
-      const int wv = bank_wavefronts(elem, lanes, acc_bytes);
-      if (wv < best_w && region_bytes(plane, a.out_plane) <= static_cast<size_t>(lim.smem_optin)) {
-        best_w = wv;
-        best_pitch = pitch;
-        best_plane = plane;
-      }
-      if (best_w <= acc_bytes / 4) break;
-    }
-    if (best_w <= acc_bytes / 4) break;
-  }
-  a.pitch = best_pitch;
-  a.plane_elems = best_plane;
-  int best_op = out_pitch0, best_oplane = a.TH * out_pitch0;
-  best_w = 1 << 30;
-  for (int dp = 0; dp < 8; ++dp) {
-    const int op = out_pitch0 + dp;
-    for (int dq = 0; dq < 32; ++dq) {
-      const int oplane = a.TH * op + dq;
-      for (int l = 0; l < lanes; ++l) elem[l] = tp[l].g * oplane + tp[l].ty * RH * op + tp[l].tx * (RW + 1);
-      const int wv = bank_wavefronts(elem, lanes, acc_bytes);
-      if (wv < best_w && region_bytes(a.plane_elems, oplane) <= static_cast<size_t>(lim.smem_optin)) {
-        best_w = wv;
-        best_op = op;
-        best_oplane = oplane;
-      }
-      if (best_w <= acc_bytes / 4) break;
-    }
-    if (best_w <= acc_bytes / 4) break;
-  }
-  a.out_pitch = best_op;
-  a.out_plane = best_oplane;
+  search_pitch(
+      a.pitch, a.hh, lanes, acc_bytes,
+      [&](int l, int pitch, int plane) { return tp[l].g * plane + tp[l].ty * RH * a.sh * pitch + tp[l].tx * (RW + 1); },
+      [&](int plane) { return fits(plane, a.out_plane); }, a.pitch, a.plane_elems);
+  search_pitch(
+      a.out_pitch, a.TH, lanes, acc_bytes,
+      [&](int l, int op, int oplane) { return tp[l].g * oplane + tp[l].ty * RH * op + tp[l].tx * (RW + 1); },
+      [&](int oplane) { return fits(a.plane_elems, oplane); }, a.out_pitch, a.out_plane);
   const int region = imax(a.G * a.plane_elems, a.G * a.out_plane);
   a.w_offset = round_up(region, 4);
   a.smem_bytes = static_cast<size_t>(a.w_offset + a.G * a.w_plane) * acc_bytes;
@@ -1569,9 +1535,9 @@ inline size_t wgrad_derive(WgradArgs& a, bool sliding, int RH, int RW, int LOG_R
     a.x_cls = round_up(a.hw, RW);
     a.g_cls = round_up(TW, RW);
   }
-  a.x_pitch = (a.x_mod * a.x_cls - 1) + ((a.x_mod * a.x_cls - 1) >> LOG_RW) + 1;
+  a.x_pitch = skewed_extent(a.x_mod * a.x_cls, LOG_RW);
   a.x_plane = a.hh * a.x_pitch;
-  a.g_pitch = (a.g_mod * a.g_cls - 1) + ((a.g_mod * a.g_cls - 1) >> LOG_RW) + 1;
+  a.g_pitch = skewed_extent(a.g_mod * a.g_cls, LOG_RW);
   a.g_plane = TH * a.g_pitch;
   a.gy_offset = round_up(G * a.x_plane, 4);
   a.red_offset = 0;  // reused after the last item of a pass
@@ -1605,7 +1571,6 @@ inline double wgrad_cost(const WgradArgs& a, bool sliding, int RH, int RW, int e
 
 inline void wgrad_tune_banks(WgradArgs& a, int RH, int RW, int acc_bytes, const DeviceLimits& lim) {
   const int lanes = imin(32, a.threads);
-  int elem[32];
   int lg[32], lp[32], ldi[32], ldj[32];
   for (int l = 0; l < lanes; ++l) {
     const WgradRole r = wgrad_role(a, l, RH, RW);
@@ -1624,45 +1589,16 @@ inline void wgrad_tune_banks(WgradArgs& a, int RH, int RW, int acc_bytes, const 
     const int elems = imax(gy_offset + a.G * g_plane, (RH * RW + 1) * a.threads);
     return static_cast<size_t>(elems) * acc_bytes;
   };
-  const int xp0 = a.x_pitch, gp0 = a.g_pitch;
-  int best_xp = xp0, best_xplane = a.hh * xp0, best_w = 1 << 30;
-  for (int dp = 0; dp < 8; ++dp) {
-    const int xp = xp0 + dp;
-    for (int dq = 0; dq < 32; ++dq) {
-      const int xplane = a.hh * xp + dq;
-      for (int l = 0; l < lanes; ++l)
-        elem[l] = lg[l] * xplane + (lp[l] * a.sh + ldi[l] * a.dh) * xp + ldj[l] + ldj[l] / RW;
-      const int wv = bank_wavefronts(elem, lanes, acc_bytes);
-      if (wv < best_w && bytes_of(xplane, a.g_plane) <= static_cast<size_t>(lim.smem_optin)) {
-        best_w = wv;
-        best_xp = xp;
-        best_xplane = xplane;
-      }
-      if (best_w <= acc_bytes / 4) break;
-    }
-    if (best_w <= acc_bytes / 4) break;
-  }
-  a.x_pitch = best_xp;
-  a.x_plane = best_xplane;
-  int best_gp = gp0, best_gplane = a.TH * gp0;
-  best_w = 1 << 30;
-  for (int dp = 0; dp < 8; ++dp) {
-    const int gp = gp0 + dp;
-    for (int dq = 0; dq < 32; ++dq) {
-      const int gplane = a.TH * gp + dq;
-      for (int l = 0; l < lanes; ++l) elem[l] = lg[l] * gplane + lp[l] * gp;
-      const int wv = bank_wavefronts(elem, lanes, acc_bytes);
-      if (wv < best_w && bytes_of(a.x_plane, gplane) <= static_cast<size_t>(lim.smem_optin)) {
-        best_w = wv;
-        best_gp = gp;
-        best_gplane = gplane;
-      }
-      if (best_w <= acc_bytes / 4) break;
-    }
-    if (best_w <= acc_bytes / 4) break;
-  }
-  a.g_pitch = best_gp;
-  a.g_plane = best_gplane;
+  const size_t limit = static_cast<size_t>(lim.smem_optin);
+  search_pitch(
+      a.x_pitch, a.hh, lanes, acc_bytes,
+      [&](int l, int xp, int xplane) {
+        return lg[l] * xplane + (lp[l] * a.sh + ldi[l] * a.dh) * xp + ldj[l] + ldj[l] / RW;
+      },
+      [&](int xplane) { return bytes_of(xplane, a.g_plane) <= limit; }, a.x_pitch, a.x_plane);
+  search_pitch(
+      a.g_pitch, a.TH, lanes, acc_bytes, [&](int l, int gp, int gplane) { return lg[l] * gplane + lp[l] * gp; },
+      [&](int gplane) { return bytes_of(a.x_plane, gplane) <= limit; }, a.g_pitch, a.g_plane);
   a.gy_offset = round_up(a.G * a.x_plane, 4);
   a.smem_bytes = bytes_of(a.x_plane, a.g_plane);
 }
