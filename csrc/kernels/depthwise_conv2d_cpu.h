@@ -214,6 +214,32 @@ inline ItemIndex decode_item(const DepthwiseConv2dParams& p, const Plan& plan, i
 // packing
 // ----------------------------------------------------------------------------------------------
 
+// One full block of kLanes channels to / from storage as whole vectors (GCC keeps the
+// element-wise loops scalar).
+template <typename T, typename A>
+FUSEKIT_INLINE void load_lanes(A* __restrict__ d, const T* __restrict__ s) {
+  typename VecOf<A>::type x;
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(&x, s, sizeof(x));
+  } else {
+    A tmp[kLanes];
+    for (int l = 0; l < kLanes; ++l) tmp[l] = to_acc(s[l]);
+    std::memcpy(&x, tmp, sizeof(x));
+  }
+  std::memcpy(d, &x, sizeof(x));
+}
+
+template <typename T, typename A>
+FUSEKIT_INLINE void store_lanes(T* __restrict__ d, const A* __restrict__ s) {
+  if constexpr (std::is_same_v<T, A>) {
+    typename VecOf<A>::type x;
+    std::memcpy(&x, s, sizeof(x));
+    std::memcpy(d, &x, sizeof(x));
+  } else {
+    for (int l = 0; l < kLanes; ++l) d[l] = from_acc<T>(s[l]);
+  }
+}
+
 // For each block b of the nc channels starting at src_nc0 (lanes beyond nc are 0):
 // tiles[b][r][q][lane] = src[n, c0 + 16b + lane, v / up_h, u / up_w] with v = vrow0 + r,
 // u = vcol0 + q when v, u are non-negative multiples of the upsampling inside the source, else 0.
@@ -223,7 +249,6 @@ template <typename T, typename A>
 FUSEKIT_INLINE void pack_tiles(A* tiles, int64_t tile_elems, int64_t rows, int64_t cols, const T* src_nc0,
                                const int64_t* st, int64_t src_H, int64_t src_W, int64_t up_h, int64_t up_w,
                                int64_t vrow0, int64_t vcol0, int64_t nc, bool channels_last) {
-  using vec = typename VecOf<A>::type;
   const int64_t nb = ceil_div(nc, kLanes);
   const int last = int(nc - (nb - 1) * kLanes);  // lanes of the last block
   // columns q whose virtual column is a multiple of up_w inside [0, (src_W - 1) * up_w]
@@ -258,16 +283,8 @@ FUSEKIT_INLINE void pack_tiles(A* tiles, int64_t tile_elems, int64_t rows, int64
         const T* __restrict__ s = src_row + ((vcol0 + q) / up_w) * st[3];
         A* d = tiles + (r * cols + q) * kLanes;
         for (int64_t b = 0; b < nb; ++b, s += kLanes, d += tile_elems) {
-          if (b < nb - 1 || last == kLanes) {  // one vector per block (GCC keeps the element loop scalar)
-            vec x;
-            if constexpr (std::is_same_v<T, A>) {
-              std::memcpy(&x, s, sizeof(x));
-            } else {
-              A tmp[kLanes];
-              for (int l = 0; l < kLanes; ++l) tmp[l] = to_acc(s[l]);
-              std::memcpy(&x, tmp, sizeof(x));
-            }
-            *reinterpret_cast<vec*>(d) = x;
+          if (b < nb - 1 || last == kLanes) {
+            load_lanes(d, s);
           } else {
             for (int l = 0; l < last; ++l) d[l] = to_acc(s[l]);
           }
@@ -384,11 +401,11 @@ FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeome
   for (int64_t r = 0; r < it.rows; ++r) {
     for (int64_t b = 0; b < nb; ++b) {
       vec* acc = accs + b * g.tgt_W;
+      const A* tile = tiles + b * tile_elems + r * g.step_h * cols * kLanes;
       for (int64_t wo = 0; wo < g.tgt_W; ++wo) acc[wo] = bias[b];
-      const A* tile = tiles + b * tile_elems;
       for (int64_t i = 0; i < g.kh; ++i)
-        accumulate_kernel_row<A, Block>(acc, tile + (r * g.step_h + i * g.dil_h) * cols * kLanes,
-                                        wts + (b * taps + i * g.kw) * kLanes, g.tgt_W, g.kw, g.step_w, g.dil_w);
+        accumulate_kernel_row<A, Block>(acc, tile + i * g.dil_h * cols * kLanes, wts + (b * taps + i * g.kw) * kLanes,
+                                        g.tgt_W, g.kw, g.step_w, g.dil_w);
     }
     T* out_row = dst_nc0 + (it.row0 + r) * dst_st[2];
     const A* a = reinterpret_cast<const A*>(accs);
@@ -398,7 +415,7 @@ FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeome
         for (int64_t b = 0; b < nb; ++b, o += kLanes) {
           const A* ab = a + (b * g.tgt_W + wo) * kLanes;
           if (block_lanes(it, b) == kLanes) {
-            for (int l = 0; l < kLanes; ++l) o[l] = from_acc<T>(ab[l]);
+            store_lanes(o, ab);
           } else {
             for (int l = 0; l < block_lanes(it, b); ++l) o[l] = from_acc<T>(ab[l]);
           }
