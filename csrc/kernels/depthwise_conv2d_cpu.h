@@ -431,15 +431,19 @@ FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeome
   }
 }
 
-// Identity segment: copy rows [row0, row0 + rows) of channels [c0, c0 + cb).
+// Identity segment: copy rows [row0, row0 + rows) of channels [c0, c0 + nc), contiguous runs at a time.
 template <typename T>
 FUSEKIT_INLINE void copy_item(const ItemIndex& it, int64_t W, const T* src, const int64_t* src_st, T* dst,
-                              const int64_t* dst_st) {
-  for (int64_t r = it.row0; r < it.row0 + it.rows; ++r)
-    for (int64_t l = 0; l < it.nc; ++l)
-      for (int64_t w = 0; w < W; ++w)
-        dst[it.n * dst_st[0] + (it.c0 + l) * dst_st[1] + r * dst_st[2] + w * dst_st[3]] =
-            src[it.n * src_st[0] + (it.c0 + l) * src_st[1] + r * src_st[2] + w * src_st[3]];
+                              const int64_t* dst_st, bool channels_last) {
+  for (int64_t r = it.row0; r < it.row0 + it.rows; ++r) {
+    const T* s = src + it.n * src_st[0] + it.c0 * src_st[1] + r * src_st[2];
+    T* d = dst + it.n * dst_st[0] + it.c0 * dst_st[1] + r * dst_st[2];
+    if (channels_last) {  // the item's channels of a pixel are contiguous
+      for (int64_t w = 0; w < W; ++w) std::memcpy(d + w * dst_st[3], s + w * src_st[3], sizeof(T) * it.nc);
+    } else {              // a row of one channel is contiguous
+      for (int64_t c = 0; c < it.nc; ++c) std::memcpy(d + c * dst_st[1], s + c * src_st[1], sizeof(T) * W);
+    }
+  }
 }
 
 // Forward (Direction::Forward) or backward-input (Direction::BackwardInput) over items [begin, end).
@@ -456,7 +460,7 @@ FUSEKIT_INLINE void conv_items(const DepthwiseConv2dParams& p, const Plan& plan,
     const ItemIndex it = decode_item(p, plan, tgt_H, item);
     const DepthwiseSegment& s = p.seg[it.seg];
     if (s.kh == 0) {
-      copy_item(it, fwd ? p.Wo : p.W, src, src_st, dst, dst_st);
+      copy_item(it, fwd ? p.Wo : p.W, src, src_st, dst, dst_st, p.channels_last);
       continue;
     }
     conv_item<T, A, Block>(p, segment_geometry(p, s, d), s, it, src, src_st, dst, dst_st, fwd, scratch);
