@@ -373,6 +373,13 @@ FUSEKIT_INLINE void accumulate_kernel_row(typename VecOf<A>::type* acc, const A*
   }
 }
 
+// Whether tile row with virtual source row v holds source data: kernel rows over padding (or
+// between upsampled rows) only add zeros and are skipped, which matters on maps not much larger
+// than the kernel.
+inline bool source_row_valid(const SegmentGeometry& g, int64_t v) {
+  return v >= 0 && v % g.up_h == 0 && v / g.up_h < g.src_H;
+}
+
 // Forward / backward-input of one work item of a convolution segment (all its channel blocks).
 template <typename T, typename A, int Block>
 FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeometry& g, const DepthwiseSegment& s,
@@ -404,7 +411,8 @@ FUSEKIT_INLINE void conv_item(const DepthwiseConv2dParams& p, const SegmentGeome
       const A* tile = tiles + b * tile_elems + r * g.step_h * cols * kLanes;
       for (int64_t wo = 0; wo < g.tgt_W; ++wo) acc[wo] = bias[b];
       for (int64_t i = 0; i < g.kh; ++i)
-        accumulate_kernel_row<A, Block>(acc, tile + i * g.dil_h * cols * kLanes, wts + (b * taps + i * g.kw) * kLanes,
+        if (source_row_valid(g, it.row0 * g.step_h - g.off_h + r * g.step_h + i * g.dil_h))
+          accumulate_kernel_row<A, Block>(acc, tile + i * g.dil_h * cols * kLanes, wts + (b * taps + i * g.kw) * kLanes,
                                         g.tgt_W, g.kw, g.step_w, g.dil_w);
     }
     T* out_row = dst_nc0 + (it.row0 + r) * dst_st[2];
@@ -520,6 +528,7 @@ FUSEKIT_INLINE void backward_weight_items(const DepthwiseConv2dParams& p, const 
     for (int64_t r = 0; r < it.rows; ++r) {
       const vec* gr = gv + r * p.Wo;
       for (int64_t i = 0; i < s.kh; ++i) {
+        if (!source_row_valid(g, it.row0 * p.stride_h - s.pad_top + r * p.stride_h + i * p.dil_h)) continue;
         const vec* xrow = reinterpret_cast<const vec*>(tile + (r * p.stride_h + i * p.dil_h) * cols * kLanes);
         vec* acc_row = tap_acc + i * s.kw;
         int64_t j0 = 0;
