@@ -12,8 +12,14 @@ try:
 
     LOAD_ERROR: Exception | None = None
 except ImportError as exc:  # built without the extension, or an ABI mismatch
+    import importlib.util
+
     _C = None
-    LOAD_ERROR = exc
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        LOAD_ERROR = ImportError("fusekit._C is not in this installation (installed from source without "
+                                 "building the extension?)")
+    else:
+        LOAD_ERROR = exc
 
 
 class ExtensionUnavailable(RuntimeError):
