@@ -17,23 +17,21 @@ INCEPTION_BACKENDS = module_backend_params("inception_dwconv2d")
 assert_matches = assert_close_to_twin
 
 
-def conv2d_twin(module):
-    """The nn.Conv2d that ``module`` must behave like, with the module's parameters copied in."""
-    twin = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                     padding=module.padding, dilation=module.dilation, groups=module.groups,
-                     bias=module.bias is not None, padding_mode=module.padding_mode,
-                     dtype=module.weight.dtype)
+def conv_twin(module, plain=nn.Conv2d):
+    """The plain nn.Conv2d / nn.Conv1d that ``module`` must behave like, with its parameters copied in."""
+    twin = plain(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                 padding=module.padding, dilation=module.dilation, groups=module.groups,
+                 bias=module.bias is not None, padding_mode=module.padding_mode, dtype=module.weight.dtype)
     twin.load_state_dict(module.state_dict())
     return twin
+
+
+def conv2d_twin(module):
+    return conv_twin(module, nn.Conv2d)
 
 
 def conv1d_twin(module):
-    twin = nn.Conv1d(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                     padding=module.padding, dilation=module.dilation, groups=module.groups,
-                     bias=module.bias is not None, padding_mode=module.padding_mode,
-                     dtype=module.weight.dtype)
-    twin.load_state_dict(module.state_dict())
-    return twin
+    return conv_twin(module, nn.Conv1d)
 
 
 CONV2D_CONFIGS = [

@@ -83,12 +83,45 @@ class _ChannelSubset:
         return t.index_select(dim, sel.to(t.device))
 
 
-class DepthwiseConv2dBench(_ChannelSubset, BenchOp):
+class _DepthwiseConvBench(_ChannelSubset):
+    """x, weight, bias -> y convolutions whose case dims carry stride, padding and dilation.
+
+    Subclasses name their float64 reference, PyTorch baseline and fusekit function."""
+
+    reference_fn: str      # name in fusekit.testing.reference
+    torch_fn: staticmethod  # F.conv1d / F.conv2d
+    fusekit_fn_name: str   # name in fusekit
+
+    def reference(self, case, inputs):
+        d = case.dims
+        return getattr(_references(), self.reference_fn)(inputs["x"], inputs["weight"], inputs["bias"],
+                                                         d["stride"], d["padding"], d["dilation"])
+
+    def reference_name(self) -> str:
+        return f"fusekit.testing.reference.{self.reference_fn} (float64)"
+
+    def baseline_fn(self, case, name):
+        d = case.dims
+        conv = self.torch_fn
+        return lambda x, weight, bias: conv(x, weight, bias, d["stride"], d["padding"], d["dilation"],
+                                            groups=x.shape[1])
+
+    def fusekit_fn(self, case, backend):
+        d = case.dims
+        fn = getattr(_fusekit(), self.fusekit_fn_name)
+        chosen = None if backend == "auto" else backend
+        return lambda x, weight, bias: fn(x, weight, bias, d["stride"], d["padding"], d["dilation"], backend=chosen)
+
+
+class DepthwiseConv2dBench(_DepthwiseConvBench, BenchOp):
     name = "depthwise_conv2d"
     description = "fusekit.depthwise_conv2d == F.conv2d(x, w, b, groups=C)"
     data_inputs = ("x",)
     param_inputs = ("weight", "bias")
     backend_op = "depthwise_conv2d"
+    reference_fn = "depthwise_conv2d_reference"
+    torch_fn = staticmethod(F.conv2d)
+    fusekit_fn_name = "depthwise_conv2d"
 
     def cases(self) -> list[Case]:
         cases = []
@@ -146,26 +179,6 @@ class DepthwiseConv2dBench(_ChannelSubset, BenchOp):
                                "bias": (d["C"],)},
                               {"weight": d["kh"] * d["kw"]})
 
-    def reference(self, case, inputs):
-        d = case.dims
-        return _references().depthwise_conv2d_reference(inputs["x"], inputs["weight"], inputs["bias"],
-                                                        d["stride"], d["padding"], d["dilation"])
-
-    def reference_name(self) -> str:
-        return "fusekit.testing.reference.depthwise_conv2d_reference (float64)"
-
-    def baseline_fn(self, case, name):
-        d = case.dims
-        return lambda x, weight, bias: F.conv2d(x, weight, bias, d["stride"], d["padding"], d["dilation"],
-                                                groups=x.shape[1])
-
-    def fusekit_fn(self, case, backend):
-        d = case.dims
-        fk = _fusekit()
-        chosen = None if backend == "auto" else backend
-        return lambda x, weight, bias: fk.depthwise_conv2d(x, weight, bias, d["stride"], d["padding"],
-                                                           d["dilation"], backend=chosen)
-
     def macs_per_unit(self, case: Case, batch: int) -> float:
         ho, wo = self._geometry(case)
         return batch * ho * wo * case.dims["kh"] * case.dims["kw"]
@@ -194,13 +207,16 @@ def _directions(mode: str, itemsize: int, flops_per_direction: int, *, fwd: int,
     return sum(elements[p] for p in parts) * itemsize, flops_per_direction * len(parts)
 
 
-class DepthwiseConv1dBench(_ChannelSubset, BenchOp):
+class DepthwiseConv1dBench(_DepthwiseConvBench, BenchOp):
     name = "depthwise_conv1d"
     description = ("fusekit.depthwise_conv1d == F.conv1d(x, w, b, groups=C) on [N, C, L]; layout nchw means "
                    "[N, C, L] memory, channels_last a transposed [N, L, C] tensor")
     data_inputs = ("x",)
     param_inputs = ("weight", "bias")
     backend_op = "depthwise_conv2d"   # the 1-D op runs as the 2-D op on [N, C, 1, L]
+    reference_fn = "depthwise_conv1d_reference"
+    torch_fn = staticmethod(F.conv1d)
+    fusekit_fn_name = "depthwise_conv1d"
 
     def cases(self) -> list[Case]:
         def case(name, C, L, k, source, tags=(), stride=1, padding="same", dilation=1):
@@ -238,26 +254,6 @@ class DepthwiseConv1dBench(_ChannelSubset, BenchOp):
         return _seeded_inputs(gen, device, dtype,
                               {"x": (batch, d["C"], d["L"]), "weight": (d["C"], 1, d["k"]), "bias": (d["C"],)},
                               {"weight": d["k"]})
-
-    def reference(self, case, inputs):
-        d = case.dims
-        return _references().depthwise_conv1d_reference(inputs["x"], inputs["weight"], inputs["bias"],
-                                                        d["stride"], d["padding"], d["dilation"])
-
-    def reference_name(self) -> str:
-        return "fusekit.testing.reference.depthwise_conv1d_reference (float64)"
-
-    def baseline_fn(self, case, name):
-        d = case.dims
-        return lambda x, weight, bias: F.conv1d(x, weight, bias, d["stride"], d["padding"], d["dilation"],
-                                                groups=x.shape[1])
-
-    def fusekit_fn(self, case, backend):
-        d = case.dims
-        fk = _fusekit()
-        chosen = None if backend == "auto" else backend
-        return lambda x, weight, bias: fk.depthwise_conv1d(x, weight, bias, d["stride"], d["padding"],
-                                                           d["dilation"], backend=chosen)
 
     def macs_per_unit(self, case: Case, batch: int) -> float:
         return batch * self._length(case) * case.dims["k"]
