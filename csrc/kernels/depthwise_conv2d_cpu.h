@@ -477,21 +477,9 @@ FUSEKIT_INLINE void conv_items(const DepthwiseConv2dParams& p, const Plan& plan,
 
 // Backward-weight over items [begin, end): grad_acc (plan.grad_weight_elems, laid out per
 // segment as [channels][kh*kw] weights then [channels] bias) receives += contributions.
-// Unit stride and dilation: tap j0 + j of output t reads x[t + j0 + j]; with G grad vectors in
-// registers, each loaded x vector feeds up to G FMAs into the J tap accumulators.
-template <typename vec, int G, int J>
-FUSEKIT_INLINE void weight_block_unit(vec (&a)[J], const vec* g, const vec* x) {
-  vec gr[G];
-  for (int t = 0; t < G; ++t) gr[t] = g[t];
-  for (int m = 0; m < G + J - 1; ++m) {
-    const vec xv = x[m];
-    for (int t = 0; t < G; ++t) {
-      const int j = m - t;
-      if (j >= 0 && j < J) a[j] += gr[t] * xv;
-    }
-  }
-}
-
+// With unit stride and dilation, tap j of a block gathers sum_t g[t] * x[t + j]: the same
+// product as the forward microkernel with the roles of taps and outputs swapped, so
+// fma_block_unit<vec, taps, grads>(acc, x, g) computes it.
 template <typename T, int Block>
 FUSEKIT_INLINE void backward_weight_items(const DepthwiseConv2dParams& p, const Plan& plan, const T* grad_out,
                                           const T* in, int64_t begin, int64_t end, typename AccOf<T>::type* scratch,
@@ -539,8 +527,8 @@ FUSEKIT_INLINE void backward_weight_items(const DepthwiseConv2dParams& p, const 
           if (p.stride_w == 1 && p.dil_w == 1) {
             int64_t wo = 0;
             constexpr int G = Block > 1 ? Block / 2 : 1;  // grad vectors in registers beside 8 accumulators
-            for (; wo + G <= p.Wo; wo += G) weight_block_unit<vec, G, kOutBlock>(a, gr + wo, x + wo);
-            for (; wo < p.Wo; ++wo) weight_block_unit<vec, 1, kOutBlock>(a, gr + wo, x + wo);
+            for (; wo + G <= p.Wo; wo += G) fma_block_unit<vec, kOutBlock, G>(a, x + wo, gr + wo);
+            for (; wo < p.Wo; ++wo) fma_block_unit<vec, kOutBlock, 1>(a, x + wo, gr + wo);
           } else {
             for (int64_t wo = 0; wo < p.Wo; ++wo) {
               const vec gvo = gr[wo];
@@ -557,8 +545,8 @@ FUSEKIT_INLINE void backward_weight_items(const DepthwiseConv2dParams& p, const 
           if (p.stride_w == 1 && p.dil_w == 1) {
             constexpr int G = Block > 1 ? Block / 2 : 1;
             int64_t wo = 0;
-            for (; wo + G <= p.Wo; wo += G) weight_block_unit<vec, G, 4>(a, gr + wo, x + wo);
-            for (; wo < p.Wo; ++wo) weight_block_unit<vec, 1, 4>(a, gr + wo, x + wo);
+            for (; wo + G <= p.Wo; wo += G) fma_block_unit<vec, 4, G>(a, x + wo, gr + wo);
+            for (; wo < p.Wo; ++wo) fma_block_unit<vec, 4, 1>(a, x + wo, gr + wo);
           } else {
             for (int64_t wo = 0; wo < p.Wo; ++wo)
               for (int t = 0; t < 4; ++t) a[t] += gr[wo] * x[wo * p.stride_w + t * p.dil_w];
