@@ -42,7 +42,7 @@ GPU_BACKENDS = ("cuda", "triton")
 STEP_TIMEOUT_S = {"build": 900, "tests": 1200, "compile_check": 600, "bench": 3600}
 SUMMARY_RESERVE_S = 20        # kept back from the deadline to write the summary
 BENCH_LAST_CASE_S = 45        # the bench starts no case later than this before its own limit
-DEFAULT_BENCH_ARGS = ("--sweep --batch 64 8 1 --dtype fp32 fp16 bf16 --layout nchw channels_last "
+DEFAULT_BENCH_ARGS = ("--sweep --dtype fp32 fp16 bf16 "
                       "--mode fwd fwd_bwd --warmup-ms 10 --rep-ms 40")
 OUT_FILES = ("summary.md", "bench.json", "gpu_verified.json", "junit.xml", "compile_check.json", "suite.json",
              "logs.txt")

@@ -157,9 +157,32 @@ def test_quick_plan_holds_the_headline_cpu_cases():
     assert ("depthwise_conv2d", "convnext_t.s1", 8, "fp32", ("fwd",)) in got
     assert ("depthwise_conv2d", "convnext_t.s1", 1, "fp32", ("fwd_bwd",)) in got
     assert ("inception_dwconv2d", "inceptionnext_t.s1", 8, "fp32", ("fwd", "fwd_bwd")) in got
+    assert ("multi_query_attention", "cpu.gqa4.d64.L1024", 1, "fp32", ("fwd", "fwd_bwd")) in got
+    assert ("multi_query_decode", "cpu.mqa.d64.L8k", 2, "fp32", ("fwd",)) in got
     sweep = cli.plan(cli.build_parser().parse_args(["--sweep"]), cli.OPS, "cpu", quick=False)
-    assert {i.batch for i in sweep} == {1, 8, 64}
+    assert {i.batch for i in sweep if i.op.name.startswith("depthwise")} == {1, 8, 64}
     assert not any("test" in i.case.tags for i in sweep)
+    # attention cases carry their own batch; decoding is inference-only
+    assert all(i.batch == i.case.dims["B"] for i in sweep if i.op.name.startswith("multi_query"))
+    assert all(i.modes == ("fwd",) for i in sweep if i.op.name == "multi_query_decode")
+
+
+def test_attention_rows_are_checked_against_the_reference_and_timed_with_sdpa_baselines(tmp_path):
+    argv = ["multi_query_attention", "multi_query_decode", "--case", "tiny.gqa", "tiny.decode", "--json",
+            str(tmp_path / "rows.json")] + FAST
+    assert cli.main(argv) == 0
+    with open(tmp_path / "rows.json") as f:
+        rows = json.load(f)
+    keys = {(r["op"], r["mode"], r["provider"]) for r in rows}
+    for provider in ("fusekit:auto", "sdpa_gqa", "sdpa_expanded"):
+        assert ("multi_query_attention", "fwd", provider) in keys
+        assert ("multi_query_attention", "fwd_bwd", provider) in keys
+        assert ("multi_query_decode", "fwd", provider) in keys
+    assert not any(r["op"] == "multi_query_decode" and r["mode"] != "fwd" for r in rows)
+    for r in rows:
+        if r["provider"] in ("fusekit:auto", "sdpa_gqa", "sdpa_expanded"):
+            assert r["correct"] is True and r["layout"] == "bshd", r
+            assert r["speedup_vs_sdpa_gqa_bshd"] is not None
 
 
 def test_list_names_ops_backends_and_baselines(capsys):

@@ -196,9 +196,10 @@ def main(argv=None) -> int:
 
     _print_table(rows)
     failed = [r for r in rows if not r["ok"]]
-    spilling = [r for r in rows if r["ok"] and r["local"] > 0]
+    # recent Triton/ptxas report register spills as stack frame (STACK) rather than LOCAL: count both
+    spilling = [r for r in rows if r["ok"] and (r["local"] > 0 or r["stack"] > 0)]
     print(f"\n{len(rows)} compilations ({len(configs)} configs x {len(args.arch)} archs) in {elapsed:.0f} s "
-          f"with triton {triton.__version__}; {len(failed)} failed; {len(spilling)} use local memory (spills)")
+          f"with triton {triton.__version__}; {len(failed)} failed; {len(spilling)} use local memory or a stack frame (spills)")
     for r in spilling:
         print(f"  spills: sm_{r['arch']} {r['label']}: {r['local']} B local, {r['stack']} B stack")
     for r in failed:

@@ -16,29 +16,9 @@ namespace {
 using cpu::Direction;
 using cpu::Plan;
 
-// Entry points compiled for AVX-512, AVX2+FMA and baseline x86-64, picked once at run time, so
-// one wheel runs everywhere and uses the widest vectors (and register file) the machine has.
-enum class Isa { Avx512, Avx2, Baseline };
-
-Isa detect_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-    return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-#endif
-  return Isa::Baseline;
-}
-
-const Isa kIsa = detect_isa();
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FUSEKIT_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
-#define FUSEKIT_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
-#else
-#define FUSEKIT_TARGET_AVX512
-#define FUSEKIT_TARGET_AVX2
-#endif
+// Entry points compiled per instruction set (kernels/cpu_isa.h), picked once at run time.
+using cpu::Isa;
+const Isa kIsa = cpu::detect_isa();
 
 // Block: outputs held in registers (8 of AVX-512's 32 vector registers beat 16, measured; 4 for AVX2's 16).
 #define FUSEKIT_DEFINE_ISA_ENTRIES(T, NAME, ISA, ATTR, BLOCK)                                                    \

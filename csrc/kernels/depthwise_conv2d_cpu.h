@@ -17,61 +17,14 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu_isa.h"
 #include "depthwise_conv2d_params.h"
 
 namespace fusekit::cpu {
 
-constexpr int kLanes = 16;       // channels per block: one AVX-512 fp32 vector
+constexpr int kLanes = kVecLanes;  // channels per block: one VecOf vector (an AVX-512 fp32 register)
 constexpr int kOutBlock = 8;     // output columns (forward) / taps (backward-weight) held in registers
 constexpr int kMaxGroupBlocks = 8;  // channel blocks one work item may pack together
-
-// ----------------------------------------------------------------------------------------------
-// storage types and conversion to the accumulation type
-// ----------------------------------------------------------------------------------------------
-
-struct bf16_t { uint16_t bits; };  // same layout as at::BFloat16
-struct fp16_t { uint16_t bits; };  // same layout as at::Half
-
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-inline float to_acc(float v) { return v; }
-inline double to_acc(double v) { return v; }
-inline float to_acc(bf16_t v) {
-  uint32_t u = uint32_t(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float to_acc(fp16_t v) {
-  _Float16 h;
-  std::memcpy(&h, &v.bits, 2);
-  return static_cast<float>(h);
-}
-
-template <typename T> inline T from_acc(float v);
-template <typename T> inline T from_acc(double v);
-template <> inline float from_acc<float>(float v) { return v; }
-template <> inline double from_acc<double>(double v) { return v; }
-template <> inline bf16_t from_acc<bf16_t>(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40)};  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);                                                  // round to nearest even
-  return bf16_t{uint16_t(u >> 16)};
-}
-template <> inline fp16_t from_acc<fp16_t>(float v) {
-  _Float16 h = static_cast<_Float16>(v);
-  fp16_t out;
-  std::memcpy(&out.bits, &h, 2);
-  return out;
-}
-
-template <typename A> struct VecOf;
-template <> struct VecOf<float> { typedef float type __attribute__((vector_size(kLanes * sizeof(float)))); };
-template <> struct VecOf<double> { typedef double type __attribute__((vector_size(kLanes * sizeof(double)))); };
-
-#define FUSEKIT_INLINE inline __attribute__((always_inline))
 
 // ----------------------------------------------------------------------------------------------
 // work decomposition

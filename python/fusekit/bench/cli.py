@@ -15,12 +15,15 @@ from typing import Sequence
 import torch
 
 from . import harness, report
-from .depthwise import OPS
+from .depthwise import OPS as DEPTHWISE_OPS
+from .mqa import OPS as ATTENTION_OPS
+
+OPS = DEPTHWISE_OPS + ATTENTION_OPS
 
 OPS_BY_NAME = {op.name: op for op in OPS}
 QUICK_DTYPES = {"cpu": ["fp32"], "cuda": ["fp32", "bf16"]}
 SWEEP_DTYPES = {"cpu": ["fp32"], "cuda": ["fp32", "fp16", "bf16"]}
-SWEEP_BATCHES = [1, 8, 64]
+SWEEP_BATCHES = [64, 8, 1]  # largest first: a sweep cut short by --max-time keeps the GPU-filling batches
 DEFAULT_BATCHES = [8]
 DEFAULT_MODES = ["fwd", "fwd_bwd"]
 
@@ -39,15 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "when named")
     p.add_argument("--dtype", nargs="+", choices=list(harness.DTYPES), help="default: fp32 on CPU; on CUDA "
                    "fp32 bf16 (--quick) or fp32 fp16 bf16")
-    p.add_argument("--layout", nargs="+", choices=list(harness.LAYOUTS),
-                   help="memory layouts of the fusekit rows (default: both; baselines carry their own layout)")
+    p.add_argument("--layout", nargs="+", choices=list(harness.ALL_LAYOUTS),
+                   help="memory layouts of the fusekit rows (default: every layout of the op: nchw and "
+                        "channels_last for convolutions, bshd for attention; baselines carry their own layout)")
     p.add_argument("--mode", nargs="+", choices=list(harness.MODES), help="default: fwd fwd_bwd")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--backends", nargs="+", choices=list(harness.FUSEKIT_BACKENDS),
                    help="fusekit backends (default: auto with --quick, else auto plus every backend that runs on "
                         "the device)")
     p.add_argument("--baselines", nargs="+", metavar="NAME",
-                   help="baselines as <name>_<layout>, e.g. torch_nchw torch_channels_last (the default), or none")
+                   help="baselines as <name>_<layout>, e.g. torch_nchw torch_channels_last sdpa_gqa_bshd, or none "
+                        "(default: every baseline of each op; see --list)")
     p.add_argument("--batch", nargs="+", type=int, help=f"batch sizes (default: {DEFAULT_BATCHES}; --sweep: "
                    f"{SWEEP_BATCHES})")
     sel = p.add_mutually_exclusive_group()
@@ -94,19 +99,26 @@ def plan(args, ops: Sequence[harness.BenchOp], device: str, quick: bool) -> list
                 case = cases[q.case]
                 if args.case and not _match(case, args.case):
                     continue
+                if device not in q.batch and not args.batch:
+                    continue   # a quick item for the other device only
                 for batch in args.batch or [q.batch[device]]:
                     _, _, _, modes = merged.setdefault((op.name, case.name, batch), (op, case, batch, []))
-                    modes += [m for m in q.modes if m not in modes and (not args.mode or m in args.mode)]
+                    modes += [m for m in q.modes if m not in modes and (not args.mode or m in args.mode)
+                              and m in op.modes]
         return [harness.WorkItem(op, case, batch, dtype, tuple(modes))
                 for dtype in dtypes for op, case, batch, modes in merged.values() if modes]
-    batches = args.batch or (SWEEP_BATCHES if args.sweep else DEFAULT_BATCHES)
+    default_batches = SWEEP_BATCHES if args.sweep else DEFAULT_BATCHES
     modes = tuple(args.mode or DEFAULT_MODES)
-    for batch in batches:   # batch outermost: a sweep cut short by --max-time still covers every dtype
+    selected = [(op, case) for op in ops for case in op.cases() if _match(case, args.case)]
+    per_case = {(op.name, case.name): args.batch or op.batches(case, default_batches) for op, case in selected}
+    rounds = max((len(b) for b in per_case.values()), default=0)
+    for index in range(rounds):   # batch outermost: a sweep cut short by --max-time still covers every dtype
         for dtype in dtypes:
-            for op in ops:
-                for case in op.cases():
-                    if _match(case, args.case):
-                        items.append(harness.WorkItem(op, case, batch, dtype, modes))
+            for op, case in selected:
+                batches = per_case[(op.name, case.name)]
+                op_modes = tuple(m for m in modes if m in op.modes)
+                if index < len(batches) and op_modes:
+                    items.append(harness.WorkItem(op, case, batches[index], dtype, op_modes))
     return items
 
 
@@ -145,7 +157,7 @@ def print_list(ops: Sequence[harness.BenchOp], device: str) -> None:
             print(f"  fusekit backends: unusable ({type(exc).__name__}: {exc})")
         print("  baselines:")
         for name, desc in op.baselines().items():
-            print(f"    {name}_nchw, {name}_channels_last: {desc}")
+            print(f"    {', '.join(f'{name}_{layout}' for layout in op.layouts)}: {desc}")
         quick = {q.case for q in op.quick_items()}
         print("  cases (q = in --quick; test shapes run only when named):")
         for case in op.cases():
@@ -205,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--device cuda: CUDA is not available on this machine")
     if args.plot:
         report.require_matplotlib()
-    baselines = [] if args.baselines == ["none"] else (
-        args.baselines or [f"{name}_{layout}" for name in ("torch",) for layout in harness.LAYOUTS])
-    for key in baselines:
+    for key in args.baselines or []:
+        if key == "none":
+            continue
         try:
             harness.split_baseline_key(key)
         except ValueError as exc:
@@ -232,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backends[op.name], op_notes = select_backends(op, device, requested)
         notes += op_notes
     check_macs = None if args.full_check else (args.check_macs or harness.DEFAULT_CHECK_MACS[device])
-    layouts = args.layout or list(harness.LAYOUTS)
+    layouts = args.layout or list(harness.ALL_LAYOUTS)
 
     env = harness.environment(device, threads)
     ceilings = harness.measure_ceilings(ts)
@@ -249,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped = len(items) - index
             break
         progress.update(index, item.label())
+        baselines = [] if args.baselines == ["none"] else (args.baselines or item.op.default_baselines(device))
         rs = harness.RunSettings(ts, layouts, backends[item.op.name], baselines, tolerance, check_macs, args.seed)
         item_rows = harness.run_item(item, rs, env, ceilings)
         rows += item_rows

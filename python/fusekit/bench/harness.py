@@ -26,6 +26,8 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 LAYOUTS = ("nchw", "channels_last")
+# every layout an op may declare: image ops run NCHW and channels_last, attention ops heads-last [B, L, H, D]
+ALL_LAYOUTS = LAYOUTS + ("bshd",)
 # fwd: forward only (no autograd graph); fwd_bwd: forward + backward for every input;
 # bwd / bwd_data / bwd_weight: backward only, replayed on a graph built once (retain_graph),
 # for all inputs / the data input only / the parameters only.
@@ -61,7 +63,7 @@ class Case:
 class QuickItem:
     """One entry of the --quick suite: a case at a device-dependent batch, in the given modes."""
     case: str
-    batch: Mapping[str, int]          # device type -> batch
+    batch: Mapping[str, int]          # device type -> batch (a device left out does not run the item)
     modes: tuple
 
 
@@ -97,9 +99,19 @@ class BenchOp:
     data_inputs: tuple = ("x",)       # inputs that take the layout and get grad in bwd_data
     param_inputs: tuple = ()          # inputs that get grad in bwd_weight
     backend_op = ""                   # name for fusekit.available_backends
+    layouts: tuple = LAYOUTS          # memory layouts its providers run in
+    modes: tuple = MODES              # modes it supports (an inference-only op: ("fwd",))
 
     def cases(self) -> list[Case]:
         raise NotImplementedError
+
+    def batches(self, case: Case, requested: Sequence[int]) -> list[int]:
+        """Batch sizes to run a case at when the user named none (``requested`` is the CLI default)."""
+        return list(requested)
+
+    def default_baselines(self, device: str) -> list[str]:
+        """Baseline keys (<name>_<layout>) run when the user names none."""
+        return [f"{name}_{layout}" for name in self.baselines() for layout in self.layouts]
 
     def quick_items(self) -> list[QuickItem]:
         return []
@@ -521,20 +533,21 @@ class RunSettings:
 
 
 def split_baseline_key(key: str) -> tuple[str, str]:
-    for layout in LAYOUTS:
+    for layout in ALL_LAYOUTS:
         if key.endswith("_" + layout):
             return key[: -len(layout) - 1], layout
-    raise ValueError(f"baseline {key!r} must end in one of {['_' + lay for lay in LAYOUTS]}")
+    raise ValueError(f"baseline {key!r} must end in one of {['_' + lay for lay in ALL_LAYOUTS]}")
 
 
 def providers_for(op: BenchOp, case: Case, rs: RunSettings) -> list[Provider]:
     out = []
-    for layout in rs.layouts:
+    layouts = [lay for lay in rs.layouts if lay in op.layouts] or list(op.layouts)
+    for layout in layouts:
         for backend in rs.backends:
             out.append(Provider(f"fusekit:{backend}", layout, False, op.fusekit_fn(case, backend)))
     for key in rs.baselines:
         name, layout = split_baseline_key(key)
-        if name in op.baselines():
+        if name in op.baselines() and layout in op.layouts:
             out.append(Provider(name, layout, True, op.baseline_fn(case, name)))
     return out
 

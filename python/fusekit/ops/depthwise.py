@@ -7,8 +7,6 @@ differentiates through the backward ops.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -16,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from . import schemas  # noqa: F401  (defines the op schemas before fusekit._C registers kernels)
-from .. import _extension
 from ..backends import OpBackends, register_op
+from .common import (autocast_inputs, check_same_device_dtype, compiled_reasons, cuda_device_reason, kernel_reasons,
+                     machine_reason, no_reasons, require_triton_device, triton_reason, triton_reasons)
 
 _ops = torch.ops.fusekit
 IntOr2 = Union[int, Sequence[int]]
@@ -74,13 +73,7 @@ def output_size(size: int, k: int, s: int, d: int, pad_lo: int, pad_hi: int) -> 
 
 
 def _check_same_device_dtype(x: torch.Tensor, **others: torch.Tensor | None) -> None:
-    for name, t in others.items():
-        if t is None:
-            continue
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must be on one device")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}: dtypes must match")
+    check_same_device_dtype("x", x, **others)
 
 
 def check_depthwise_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -183,37 +176,7 @@ def _triton_backward_weight(grad_out, x, kernel_size, stride, padding, dilation)
         grad_out, x, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
 
 
-def _require_triton_device(x: torch.Tensor) -> None:
-    reason = triton_reason(x.device.type)
-    if reason:
-        raise RuntimeError(f"fusekit Triton kernel: {reason}")
-
-
-def _triton_reason_now(device_type: str) -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (set before importing fusekit)"
-        return None
-    if device_type != "cuda":
-        return f"Triton kernels do not run on {device_type} tensors"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if torch.version.hip is not None:
-        return "the Triton kernels are tuned and verified for NVIDIA GPUs only"
-    return None
-
-
-# Machine facts are fixed once fusekit is imported; computing them here keeps backend selection
-# free of calls torch.compile cannot trace.
-_TRITON_REASON = {d: _triton_reason_now(d) for d in ("cpu", "cuda")}
-_KERNEL_REASON = {key: _extension.missing_reason("depthwise_conv2d", key) for key in ("CPU", "CUDA")}
-
-
-def triton_reason(device_type: str) -> str | None:
-    """None when Triton kernels can run on this device type, else why not."""
-    return _TRITON_REASON.get(device_type, f"Triton kernels do not run on {device_type} tensors")
+_require_triton_device = require_triton_device
 
 
 for _name, _fn in (("depthwise_conv2d_triton", _triton_forward),
@@ -274,45 +237,18 @@ class DepthwiseCase:
     dtype: torch.dtype
 
 
-def _compiled_reasons(device_type: str, dispatch_key: str, dtypes: tuple, what: str):
-    """Reasons function of a fusekit._C backend: device, dtype, and whether its kernels were built."""
-    def reasons(case: DepthwiseCase) -> list[str]:
-        why = []
-        if case.device_type != device_type:
-            why.append(f"the {what} kernels take {device_type.upper()} tensors, got {case.device_type}")
-        if case.dtype not in dtypes:
-            why.append(f"dtype {case.dtype} is not supported by the {what} kernels (supported: {dtypes})")
-        if _KERNEL_REASON[dispatch_key]:
-            why.append(_KERNEL_REASON[dispatch_key])
-        return why
-    return reasons
-
-
-_cpu_reasons = _compiled_reasons("cpu", "CPU", CPU_DTYPES, "C++ CPU")
-_cuda_reasons = _compiled_reasons("cuda", "CUDA", GPU_DTYPES, "CUDA")
-
-
-def _triton_reasons(case: DepthwiseCase) -> list[str]:
-    why = []
-    reason = triton_reason(case.device_type)
-    if reason:
-        why.append(reason)
-    if case.dtype not in GPU_DTYPES:
-        why.append(f"dtype {case.dtype} is not supported by the Triton kernels")
-    return why
-
-
-def _reference_reasons(case: DepthwiseCase) -> list[str]:
-    return []
+_KERNEL_REASON = kernel_reasons("depthwise_conv2d")
+_cpu_reasons = compiled_reasons("cpu", _KERNEL_REASON["CPU"], CPU_DTYPES, "C++ CPU")
+_cuda_reasons = compiled_reasons("cuda", _KERNEL_REASON["CUDA"], GPU_DTYPES, "CUDA")
+_triton_reasons = triton_reasons(GPU_DTYPES)
+_reference_reasons = no_reasons
 
 
 def _machine_reason(reasons_fn, device_type: str) -> str | None:
-    why = reasons_fn(DepthwiseCase(device_type, torch.float32))
-    return "; ".join(why) if why else None
+    return machine_reason(reasons_fn, DepthwiseCase(device_type, torch.float32))
 
 
-def _cuda_device_reason() -> str | None:
-    return None if torch.cuda.is_available() else "CUDA is not available on this machine"
+_cuda_device_reason = cuda_device_reason
 
 
 def _make_backends(op: str) -> OpBackends:
@@ -336,15 +272,7 @@ DEPTHWISE_BACKENDS = _make_backends("depthwise_conv2d")
 # functional API
 # ----------------------------------------------------------------------------------------------
 
-def _autocast(*tensors):
-    """Follow autocast like nn.Conv2d does (conv runs in the autocast dtype)."""
-    if not tensors[0].is_floating_point():
-        return tensors
-    device_type = tensors[0].device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-    return tensors
+_autocast = autocast_inputs
 
 
 def depthwise_conv2d_explicit(x, weight, bias, stride, padding, dilation, backend: str | None = None):

@@ -28,3 +28,21 @@ lib.define("inception_dwconv2d(Tensor x, Tensor w_hw, Tensor? b_hw, Tensor w_w, 
 lib.define("inception_dwconv2d_backward(Tensor grad_out, Tensor x, Tensor w_hw, Tensor w_w, Tensor w_h, "
            "bool[2] output_mask) -> (Tensor grad_x, Tensor grad_w_hw, Tensor grad_b_hw, Tensor grad_w_w, "
            "Tensor grad_b_w, Tensor grad_w_h, Tensor grad_b_h)")
+
+# Multi-query / grouped-query attention (DESIGN.md 5.2). Dense: q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D].
+# Packed variable-length batches: q [Tq, Hq, D], k/v [Tk, Hkv, D] with int32 cu_seqlens_q/k [B + 1]
+# (both or neither) and max_seqlen_q/k bounding every sequence (they size the launch grid, so no host
+# synchronization is needed). lse is the natural-log sum of exp of the scaled logits, float32
+# (float64 for float64 inputs), shaped q.shape[:-1]. window_left/right < 0 means unbounded.
+_MQA_CONF = ("Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
+             "bool causal, int window_left, int window_right")
+for _suffix in ("", "_triton"):
+    lib.define(f"mqa_forward{_suffix}(Tensor q, Tensor k, Tensor v, {_MQA_CONF}) -> (Tensor out, Tensor lse)")
+    lib.define(f"mqa_backward{_suffix}(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+               f"{_MQA_CONF}) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)")
+    # KV-cache decoding: q [B, n, Hq, D] against caches [B, Lmax, Hkv, D] holding cache_seqlens[b] tokens;
+    # k_new/v_new [B, n, Hkv, D] are written into the caches at cache_seqlens[b] first (declared mutation).
+    # num_splits = 0 picks the KV split from the shapes alone, so launches are fixed for a cache size.
+    lib.define(f"mqa_decode{_suffix}(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+               f"Tensor? k_new, Tensor? v_new, float scale, bool causal, int window_left, int window_right, "
+               f"int num_splits) -> (Tensor out, Tensor lse)")

@@ -49,3 +49,36 @@ def random_depthwise_cases(count: int, seed: int, max_size: int = 16, kernels=(1
         if ho >= 1 and wo >= 1:
             out.append(case)
     return out
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    batch: int
+    lq: int
+    lk: int
+    hq: int
+    hkv: int
+    d: int
+    causal: bool
+    window: tuple[int, int]  # (left, right); -1 = unbounded
+
+    def __str__(self) -> str:
+        win = "" if self.window == (-1, -1) else f"-w{self.window[0]},{self.window[1]}"
+        return (f"b{self.batch}-q{self.lq}-k{self.lk}-h{self.hq}/{self.hkv}-d{self.d}"
+                f"{'-causal' if self.causal else ''}{win}")
+
+
+def random_attention_cases(count: int, seed: int, max_len: int = 40, head_dims=(1, 8, 24, 32, 63, 64),
+                           groups=(1, 2, 4), kv_heads=(1, 2)) -> list[AttentionCase]:
+    """Lq < Lk, Lq == Lk and Lq > Lk (rows that see no key), causal, one- and two-sided windows."""
+    rng = random.Random(seed)
+    out: list[AttentionCase] = []
+    for _ in range(count):
+        lq = rng.randint(1, max_len)
+        lk = rng.choice([lq, rng.randint(1, max_len)])
+        hkv = rng.choice(kv_heads)
+        window = rng.choice([(-1, -1), (-1, -1), (rng.randint(0, 8), -1), (-1, rng.randint(0, 8)),
+                             (rng.randint(0, 8), rng.randint(0, 8))])
+        out.append(AttentionCase(batch=rng.choice([1, 2, 3]), lq=lq, lk=lk, hq=hkv * rng.choice(groups), hkv=hkv,
+                                 d=rng.choice(head_dims), causal=rng.random() < 0.5, window=window))
+    return out

@@ -69,3 +69,86 @@ def inception_dwconv2d_reference(x, w_hw, b_hw, w_w, b_w, w_h, b_h):
                       depthwise_conv2d_reference(x_hw, w_hw, b_hw, padding="same"),
                       depthwise_conv2d_reference(x_w, w_w, b_w, padding="same"),
                       depthwise_conv2d_reference(x_h, w_h, b_h, padding="same")), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-query / grouped-query attention (DESIGN.md 5.2): explicit mask over full attention
+# ----------------------------------------------------------------------------------------------
+
+def attention_mask(lq: int, lk: int, causal: bool, window_left: int = -1, window_right: int = -1,
+                   device=None) -> torch.Tensor:
+    """[lq, lk] bool, True where query i may see key j. Causal and windows are aligned bottom-right:
+    query i sits at key position i + lk - lq; a negative window side is unbounded."""
+    i = torch.arange(lq, device=device).unsqueeze(1) + (lk - lq)
+    j = torch.arange(lk, device=device).unsqueeze(0)
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= j <= i
+    if window_left >= 0:
+        allowed &= j >= i - window_left
+    if window_right >= 0:
+        allowed &= j <= i + window_right
+    return allowed
+
+
+def _mqa_dense_reference(q, k, v, scale, mask):
+    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] in float64 -> out [B, Lq, Hq, D], lse [B, Lq, Hq]."""
+    hq, hkv = q.shape[2], k.shape[2]
+    group = hq // hkv
+    # query head h reads KV head h // group (flash-attention's convention)
+    kx = k.repeat_interleave(group, dim=2)
+    vx = v.repeat_interleave(group, dim=2)
+    logits = torch.einsum("bihd,bjhd->bhij", q, kx) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [B, Hq, Lq]; -inf where a row sees no key
+    probs = torch.exp(logits - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
+    probs = probs.masked_fill(~mask, 0.0)
+    out = torch.einsum("bhij,bjhd->bihd", probs, vx)
+    return out, lse.transpose(1, 2)
+
+
+def mqa_reference(q, k, v, causal: bool = False, window_left: int = -1, window_right: int = -1,
+                  scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None):
+    """Softmax attention with Hq/Hkv query heads per KV head, in float64.
+
+    Dense q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D]; or packed q [Tq, Hq, D], k/v [Tk, Hkv, D] with
+    cu_seqlens_q/k [B + 1]. Returns (out like q, lse = q.shape[:-1]); a row that sees no key has
+    out 0 and lse -inf.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens_q is None:
+        mask = attention_mask(q.shape[1], k.shape[1], causal, window_left, window_right, q.device)
+        return _mqa_dense_reference(q, k, v, scale, mask)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        qs, ks, vs = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+        mask = attention_mask(qs.shape[0], ks.shape[0], causal, window_left, window_right, q.device)
+        out, lse = _mqa_dense_reference(qs[None], ks[None], vs[None], scale, mask)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses)
+
+
+def mqa_decode_reference(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, scale: float | None = None,
+                         causal: bool = True, window_left: int = -1, window_right: int = -1):
+    """Decoding as full attention over each sequence's cached tokens (plus the appended ones).
+
+    Returns (out [B, n, Hq, D], lse [B, n, Hq], k_cache_after, v_cache_after), all float64; the caches
+    after are copies with k_new/v_new written at cache_seqlens[b].
+    """
+    k_after, v_after = k_cache.double().clone(), v_cache.double().clone()
+    n = q.shape[1]
+    outs, lses = [], []
+    for b, length in enumerate(cache_seqlens.tolist()):
+        if k_new is not None:
+            k_after[b, length:length + n] = k_new[b].double()
+            v_after[b, length:length + n] = v_new[b].double()
+            length += n
+        mask = attention_mask(n, length, causal, window_left, window_right, q.device)
+        out, lse = _mqa_dense_reference(q[b:b + 1].double(), k_after[b:b + 1, :length], v_after[b:b + 1, :length],
+                                        q.shape[-1] ** -0.5 if scale is None else scale, mask)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses), k_after, v_after
