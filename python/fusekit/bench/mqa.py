@@ -57,10 +57,31 @@ def _flash_attn():
     return flash_attn
 
 
-class _HeadGroupSubset:
-    """Reference subsets by KV head: a KV head and its Hq/Hkv query heads are independent of the rest."""
+def _sdpa_heads_last(q, k, v, expand: bool, attn_mask=None, is_causal: bool = False):
+    """SDPA on [B, H, L, D] views of heads-last tensors: enable_gqa, or K/V repeated to Hq heads."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if expand:
+        group = q.shape[2] // k.shape[2]
+        kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=not expand)
+    return out.transpose(1, 2)
 
+
+class _AttentionBench:
+    """What both attention ops share: heads-last inputs used as given, a batch fixed per case, and
+    reference subsets by KV head (a KV head and its Hq/Hkv query heads are independent of the rest)."""
+
+    layouts = ("bshd",)
     q_like = ("q",)
+
+    def batches(self, case: Case, requested):
+        return [case.dims["B"]]
+
+    def to_layout(self, t, layout):
+        return t
+
+    def output_layout_ok(self, y, layout):
+        return True
 
     def subset_units(self, case: Case) -> int:
         return case.dims["Hkv"]
@@ -87,14 +108,13 @@ class _HeadGroupSubset:
         return t.index_select(2, idx.to(t.device))
 
 
-class MultiQueryAttentionBench(_HeadGroupSubset, BenchOp):
+class MultiQueryAttentionBench(_AttentionBench, BenchOp):
     name = "multi_query_attention"
     description = ("fusekit.multi_query_attention (prefill / training) == softmax attention with Hq/Hkv query "
                    "heads per K/V head, causal bottom-right")
     data_inputs = ("q", "k", "v")
     param_inputs = ()
     backend_op = "multi_query_attention"
-    layouts = ("bshd",)
     modes = ("fwd", "fwd_bwd")
 
     def cases(self) -> list[Case]:
@@ -122,9 +142,6 @@ class MultiQueryAttentionBench(_HeadGroupSubset, BenchOp):
         return [QuickItem("cpu.gqa4.d64.L1024", {"cpu": 1}, ("fwd", "fwd_bwd")),
                 QuickItem("gqa8.d128.L2048", {"cuda": 8}, ("fwd", "fwd_bwd"))]
 
-    def batches(self, case: Case, requested):
-        return [case.dims["B"]]
-
     def baselines(self) -> dict[str, str]:
         return {"sdpa_gqa": "F.scaled_dot_product_attention(enable_gqa=True) on [B, H, L, D] views",
                 "sdpa_expanded": "K/V repeated to Hq heads (repeat_interleave), then SDPA",
@@ -143,12 +160,6 @@ class MultiQueryAttentionBench(_HeadGroupSubset, BenchOp):
     def output_shape(self, case: Case, batch: int) -> tuple:
         d = case.dims
         return (batch, d["L"], d["Hq"], d["D"])
-
-    def to_layout(self, t, layout):
-        return t
-
-    def output_layout_ok(self, y, layout):
-        return True
 
     def make_inputs(self, case, batch, dtype, device, gen):
         d = case.dims
@@ -181,14 +192,8 @@ class MultiQueryAttentionBench(_HeadGroupSubset, BenchOp):
             return _reference().attention_mask(lq, lk, causal, left, right, device)
 
         def sdpa(q, k, v, expand):
-            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if expand:
-                group = q.shape[2] // k.shape[2]
-                kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
             attn_mask = None if (plain_causal or dense) else mask(q.shape[1], k.shape[1], q.device)
-            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask, is_causal=plain_causal,
-                                                 enable_gqa=not expand)
-            return out.transpose(1, 2)
+            return _sdpa_heads_last(q, k, v, expand, attn_mask, plain_causal)
 
         if name == "sdpa_gqa":
             return lambda q, k, v: sdpa(q, k, v, False)
@@ -246,14 +251,13 @@ class MultiQueryAttentionBench(_HeadGroupSubset, BenchOp):
         return fwd_bytes + bwd_bytes, fwd_flops + 10 * batch * d["Hq"] * d["D"] * pairs
 
 
-class MultiQueryDecodeBench(_HeadGroupSubset, BenchOp):
+class MultiQueryDecodeBench(_AttentionBench, BenchOp):
     name = "multi_query_decode"
     description = ("fusekit.multi_query_decode: one new token per sequence appended to a KV cache in place, then "
                    "attention over the whole cache")
     data_inputs = ("q",)
     param_inputs = ()
     backend_op = "multi_query_decode"
-    layouts = ("bshd",)
     modes = ("fwd",)
 
     def cases(self) -> list[Case]:
@@ -278,9 +282,6 @@ class MultiQueryDecodeBench(_HeadGroupSubset, BenchOp):
         return [QuickItem("cpu.mqa.d64.L8k", {"cpu": 2}, ("fwd",)),
                 QuickItem("h32kv8.d128.L8k.b8", {"cuda": 8}, ("fwd",))]
 
-    def batches(self, case: Case, requested):
-        return [case.dims["B"]]
-
     def baselines(self) -> dict[str, str]:
         return {"sdpa_gqa": "append with slice assignment, then F.scaled_dot_product_attention(enable_gqa=True) over "
                             "the valid cache prefix ([B, H, L, D] views)",
@@ -298,12 +299,6 @@ class MultiQueryDecodeBench(_HeadGroupSubset, BenchOp):
     def output_shape(self, case: Case, batch: int) -> tuple:
         d = case.dims
         return (batch, d["n"], d["Hq"], d["D"])
-
-    def to_layout(self, t, layout):
-        return t
-
-    def output_layout_ok(self, y, layout):
-        return True
 
     def make_inputs(self, case, batch, dtype, device, gen):
         d = case.dims
@@ -340,13 +335,8 @@ class MultiQueryDecodeBench(_HeadGroupSubset, BenchOp):
         def sdpa(q, k_cache, v_cache, k_new, v_new, cache_seqlens, expand):
             k_cache[:, total - n:total] = k_new
             v_cache[:, total - n:total] = v_new
-            kt, vt = k_cache[:, :total].transpose(1, 2), v_cache[:, :total].transpose(1, 2)
-            if expand:
-                group = q.shape[2] // k_cache.shape[2]
-                kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
             # n == 1: the new token sees every key, so no mask
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), kt, vt, enable_gqa=not expand)
-            return out.transpose(1, 2)
+            return _sdpa_heads_last(q, k_cache[:, :total], v_cache[:, :total], expand)
 
         if name == "sdpa_gqa":
             return lambda **t: sdpa(**t, expand=False)

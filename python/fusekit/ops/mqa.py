@@ -96,7 +96,13 @@ def _validate_on_host() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def _resolve_cu_seqlens(cu_seqlens: CuSeqlens, q: torch.Tensor, k: torch.Tensor):
+def _read_cu_seqlens_on_host(q: torch.Tensor, max_seqlen) -> bool:
+    """Check cu_seqlens' contents only where reading them costs no device synchronization that the
+    call does not make anyway: CPU tensors, or no max_seqlen given (it is then computed from them)."""
+    return _validate_on_host() and (q.device.type == "cpu" or max_seqlen is None)
+
+
+def _resolve_cu_seqlens(cu_seqlens: CuSeqlens, q: torch.Tensor, k: torch.Tensor, check_contents: bool):
     """-> (cu_q, cu_k) int32 tensors, validated, or (None, None) for dense inputs."""
     if cu_seqlens is None:
         return None, None
@@ -118,7 +124,7 @@ def _resolve_cu_seqlens(cu_seqlens: CuSeqlens, q: torch.Tensor, k: torch.Tensor)
     if out[0].numel() != out[1].numel():
         raise ValueError(f"cu_seqlens_q has {out[0].numel()} entries but cu_seqlens_k has {out[1].numel()}: "
                          "both describe the same B sequences")
-    if _validate_on_host():
+    if check_contents:
         for name, cu, t in (("cu_seqlens_q", out[0], q), ("cu_seqlens_k", out[1], k)):
             host = cu.cpu()
             if int(host[0]) != 0 or bool((host[1:] < host[:-1]).any()):
@@ -129,14 +135,15 @@ def _resolve_cu_seqlens(cu_seqlens: CuSeqlens, q: torch.Tensor, k: torch.Tensor)
     return out[0], out[1]
 
 
-def _resolve_max_seqlen(max_seqlen, cu_q: torch.Tensor, cu_k: torch.Tensor) -> tuple[int, int]:
+def _resolve_max_seqlen(max_seqlen, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                        check_contents: bool) -> tuple[int, int]:
     if max_seqlen is None:  # reads cu_seqlens on the host (pass max_seqlen to avoid the sync)
         return int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0, \
             int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
     pair = (max_seqlen, max_seqlen) if isinstance(max_seqlen, int) else tuple(max_seqlen)
     if len(pair) != 2 or any(not isinstance(m, int) or m < 0 for m in pair):
         raise ValueError(f"max_seqlen must be an int >= 0 or a pair (max_seqlen_q, max_seqlen_k), got {max_seqlen!r}")
-    if _validate_on_host():
+    if check_contents:
         for name, m, cu in (("q", pair[0], cu_q), ("k", pair[1], cu_k)):
             longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
             if longest > m:
@@ -434,8 +441,9 @@ def multi_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
 
     Packed variable-length batches: q [Tq, Hq, D], k/v [Tk, Hkv, D] and cu_seqlens, an int tensor
     [B + 1] of sequence starts shared by q and k, or a pair (cu_seqlens_q, cu_seqlens_k);
-    max_seqlen (int or pair) bounds the sequence lengths. Without it, and outside torch.compile,
-    cu_seqlens is read on the host (one device synchronization on a GPU).
+    max_seqlen (int or pair) bounds the sequence lengths. Without it, cu_seqlens is read on the
+    host (one device synchronization on a GPU) to compute it and to check its contents; with it,
+    GPU calls read nothing on the host (CPU calls still check the contents).
 
     Returns out (like q), and with return_lse=True also lse = log-sum-exp of the scaled logits,
     float32 (float64 for float64 inputs), shaped q.shape[:-1]; lse is not differentiable.
@@ -446,9 +454,10 @@ def multi_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cau
     check_attention_args(q, k, v, varlen)
     wl, wr = resolve_window(window)
     scale = resolve_scale(scale, q.shape[-1])
-    cu_q, cu_k = _resolve_cu_seqlens(cu_seqlens, q, k)
+    check_contents = varlen and _read_cu_seqlens_on_host(q, max_seqlen)
+    cu_q, cu_k = _resolve_cu_seqlens(cu_seqlens, q, k, check_contents)
     if varlen:
-        max_q, max_k = _resolve_max_seqlen(max_seqlen, cu_q, cu_k)
+        max_q, max_k = _resolve_max_seqlen(max_seqlen, cu_q, cu_k, check_contents)
     else:
         max_q, max_k = q.shape[1], k.shape[1]
     chosen = ATTENTION_BACKENDS.select(AttentionCase(q.device.type, q.dtype, q.shape[-1]), q.device.type, backend)
