@@ -21,24 +21,8 @@ using cpu::MqaPlan;
 using cpu::TaskQueue;
 const Isa kIsa = cpu::detect_isa();
 
-// A Kit is the micro-kernel compiled for one instruction set: rows<A, MR, NV, .> runs register
-// blocks of MR rows x NV vectors (one small function each), gemm blocks a whole product. The
-// drivers (inlined into the per-ISA entries below) call Kit::gemm for every product. Budgets:
-// MaxNV vectors of B and AccVecs accumulator vectors, for float / double (AVX-512: 24 of 32 zmm
-// hold accumulators; AVX2 and SSE have 16 registers and a 16-lane vector spans 2 / 4 of them).
-#define FUSEKIT_MQA_KIT(ISA, ATTR, F_NV, F_ACC, D_NV, D_ACC)                                           \
-  struct Kit_##ISA {                                                                                 \
-    template <typename A, int MR, int NV, bool UnitRows>                                             \
-    ATTR __attribute__((noinline)) static void rows(const cpu::Gemm<A>& g, int64_t v0, int64_t r0,   \
-                                                    int64_t r1) {                                    \
-      cpu::gemm_block_rows<A, MR, NV, UnitRows>(g, v0, r0, r1);                                      \
-    }                                                                                                \
-    ATTR static void gemm(const cpu::Gemm<float>& g) { cpu::gemm_body<Kit_##ISA, float, F_NV, F_ACC>(g); } \
-    ATTR static void gemm(const cpu::Gemm<double>& g) { cpu::gemm_body<Kit_##ISA, double, D_NV, D_ACC>(g); } \
-  };
-FUSEKIT_MQA_KIT(avx512, FUSEKIT_TARGET_AVX512, 4, 24, 2, 12)
-FUSEKIT_MQA_KIT(avx2, FUSEKIT_TARGET_AVX2, 1, 6, 1, 2)
-FUSEKIT_MQA_KIT(base, , 1, 2, 1, 1)
+// The micro-kernel per instruction set: Kit_avx512, Kit_avx2, Kit_base (kernels/cpu_gemm.h).
+FUSEKIT_CPU_GEMM_KITS()
 
 using AttentionEntry = void (*)(const MqaParams&, const MqaPlan&, TaskQueue&, void*);
 using DecodeEntry = void (*)(const MqaDecodeParams&, const MqaPlan&, TaskQueue&, void*);

@@ -17,8 +17,9 @@ import torch
 from . import harness, report
 from .depthwise import OPS as DEPTHWISE_OPS
 from .mqa import OPS as ATTENTION_OPS
+from .na import OPS as NEIGHBORHOOD_OPS
 
-OPS = DEPTHWISE_OPS + ATTENTION_OPS
+OPS = DEPTHWISE_OPS + ATTENTION_OPS + NEIGHBORHOOD_OPS
 
 OPS_BY_NAME = {op.name: op for op in OPS}
 QUICK_DTYPES = {"cpu": ["fp32"], "cuda": ["fp32", "bf16"]}
@@ -38,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                "2 on a usage error.")
     p.add_argument("ops", nargs="*", metavar="op", help=f"operators to run (default: all): {', '.join(OPS_BY_NAME)}")
     p.add_argument("--case", nargs="+", metavar="NAME",
-                   help="cases by name, prefix (replknet31b) or glob (slak_t.*); test shapes (tiny...) run only "
-                        "when named")
+                   help="cases by name, prefix (replknet31b) or glob (slak_t.*); test shapes (tiny...) and shapes "
+                        "sized for another device run only when named")
     p.add_argument("--dtype", nargs="+", choices=list(harness.DTYPES), help="default: fp32 on CPU; on CUDA "
                    "fp32 bf16 (--quick) or fp32 fp16 bf16")
     p.add_argument("--layout", nargs="+", choices=list(harness.ALL_LAYOUTS),
@@ -88,6 +89,12 @@ def _match(case: harness.Case, patterns: Sequence[str] | None) -> bool:
                for pat in patterns)
 
 
+def _for_device(case: harness.Case, device: str, patterns: Sequence[str] | None) -> bool:
+    """A case tagged with a device type (a shape sized for it) runs on other devices only when named."""
+    sized_for = {"cpu", "cuda"} & case.tags
+    return not sized_for or device in sized_for or bool(patterns)
+
+
 def plan(args, ops: Sequence[harness.BenchOp], device: str, quick: bool) -> list[harness.WorkItem]:
     dtypes = args.dtype or (QUICK_DTYPES if quick else SWEEP_DTYPES)[device]
     items: list[harness.WorkItem] = []
@@ -109,7 +116,8 @@ def plan(args, ops: Sequence[harness.BenchOp], device: str, quick: bool) -> list
                 for dtype in dtypes for op, case, batch, modes in merged.values() if modes]
     default_batches = SWEEP_BATCHES if args.sweep else DEFAULT_BATCHES
     modes = tuple(args.mode or DEFAULT_MODES)
-    selected = [(op, case) for op in ops for case in op.cases() if _match(case, args.case)]
+    selected = [(op, case) for op in ops for case in op.cases()
+                if _match(case, args.case) and _for_device(case, device, args.case)]
     per_case = {(op.name, case.name): args.batch or op.batches(case, default_batches) for op, case in selected}
     rounds = max((len(b) for b in per_case.values()), default=0)
     for index in range(rounds):   # batch outermost: a sweep cut short by --max-time still covers every dtype

@@ -20,7 +20,7 @@ import subprocess
 import time
 import zlib
 from contextlib import contextmanager
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Container, Mapping, Sequence
 
 import torch
 
@@ -402,14 +402,18 @@ def item_seed(item: WorkItem, seed: int) -> int:
     return (zlib.crc32(key.encode()) ^ seed) & 0x7FFFFFFF
 
 
-def grad_names(op: BenchOp, mode: str) -> tuple:
+def grad_names(op: BenchOp, mode: str, present: Container[str] | None = None) -> tuple:
+    """Inputs that get a gradient in ``mode``; with ``present``, only those a case has (an optional
+    input, such as a bias some cases leave out, is simply absent from the inputs)."""
     if mode in ("fwd_bwd", "bwd"):
-        return op.data_inputs + op.param_inputs
-    if mode == "bwd_data":
-        return op.data_inputs
-    if mode == "bwd_weight":
-        return op.param_inputs
-    return ()
+        names = op.data_inputs + op.param_inputs
+    elif mode == "bwd_data":
+        names = op.data_inputs
+    elif mode == "bwd_weight":
+        names = op.param_inputs
+    else:
+        names = ()
+    return tuple(n for n in names if present is None or n in present)
 
 
 @dataclasses.dataclass
@@ -423,7 +427,8 @@ class Reference:
 def compute_reference(op: BenchOp, case: Case, batch: int, inputs: Mapping[str, torch.Tensor],
                       gy: torch.Tensor, modes: Sequence[str], check_macs: float | None,
                       gen: torch.Generator) -> Reference:
-    wanted = sorted({n for m in modes for n in grad_names(op, m)}, key=(op.data_inputs + op.param_inputs).index)
+    wanted = sorted({n for m in modes for n in grad_names(op, m, inputs)},
+                    key=(op.data_inputs + op.param_inputs).index)
     units = op.subset_units(case)
     cost = op.macs_per_unit(case, batch) * (1 + (REFERENCE_GRAD_COST if wanted else 0))
     count = units if check_macs is None else max(1, min(units, int(check_macs // max(cost, 1))))
@@ -489,7 +494,7 @@ def prepare_call(op: BenchOp, provider: Provider, inputs: Mapping[str, torch.Ten
             return {"y": y}
         return run, results
 
-    names = grad_names(op, mode)
+    names = grad_names(op, mode, inp)
     inp = {k: v.detach().requires_grad_(k in names) for k, v in inp.items()}
     leaves = [inp[k] for k in names]
     g = op.to_layout(gy, provider.layout)

@@ -1,13 +1,15 @@
 """Drop-in modules built on fusekit's ops, and structural re-parameterization helpers."""
 from .depthwise import DepthwiseConv1d, DepthwiseConv2d, InceptionDWConv2d, convert_depthwise
 from .mqa import GQADecoder, KVCache, LayerCache, MultiQueryAttention
+from .na import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from .reparam import (dilated_to_dense, fuse_conv_bn, merge_depthwise_branches, pad_kernel_to,
                       reparameterize_blocks, reparameterize_depthwise_branches,
                       reparameterize_dilated_reparam_block, reparameterize_large_kernel_conv)
 
 __all__ = [
     "DepthwiseConv1d", "DepthwiseConv2d", "GQADecoder", "InceptionDWConv2d", "KVCache", "LayerCache",
-    "MultiQueryAttention", "convert_depthwise", "dilated_to_dense",
+    "MultiQueryAttention", "NeighborhoodAttention1D", "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D", "convert_depthwise", "dilated_to_dense",
     "fuse_conv_bn", "merge_depthwise_branches", "pad_kernel_to", "reparameterize_blocks",
     "reparameterize_depthwise_branches", "reparameterize_dilated_reparam_block", "reparameterize_large_kernel_conv",
 ]

@@ -46,3 +46,24 @@ for _suffix in ("", "_triton"):
     lib.define(f"mqa_decode{_suffix}(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
                f"Tensor? k_new, Tensor? v_new, float scale, bool causal, int window_left, int window_right, "
                f"int num_splits) -> (Tensor out, Tensor lse)")
+
+# Neighborhood attention (DESIGN.md 5.1), rank R = len(kernel_size) in 1..3. Heads-last:
+# q [B, *spatial(R), Hq, D], k/v [B, *spatial, Hkv, D]; rpb [Hq, 2k_0-1, .., 2k_{R-1}-1] or None
+# (added to the scaled logits; non-causal only). lse [B, *spatial, Hq] is float32 (float64 for
+# float64 inputs). Backward ops return grad_rpb as an empty tensor when rpb is None.
+# Unfused ops: attn [B, Hq, *spatial, prod(kernel_size)], one slot per neighbour in row-major
+# order over the per-axis window offsets; slots a causal window does not reach are -inf in na_qk,
+# ignored by na_av and 0 in grad_attn.
+_NA_CONF = "int[] kernel_size, int[] stride, int[] dilation, bool[] is_causal"
+for _suffix in ("", "_triton"):
+    lib.define(f"na_forward{_suffix}(Tensor q, Tensor k, Tensor v, Tensor? rpb, {_NA_CONF}, float scale) "
+               "-> (Tensor out, Tensor lse)")
+    lib.define(f"na_backward{_suffix}(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+               f"Tensor? rpb, {_NA_CONF}, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, "
+               "Tensor grad_rpb)")
+    lib.define(f"na_qk{_suffix}(Tensor q, Tensor k, Tensor? rpb, {_NA_CONF}, float scale) -> Tensor")
+    lib.define(f"na_qk_backward{_suffix}(Tensor grad_attn, Tensor q, Tensor k, bool has_rpb, {_NA_CONF}, "
+               "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_rpb)")
+    lib.define(f"na_av{_suffix}(Tensor attn, Tensor v, {_NA_CONF}) -> Tensor")
+    lib.define(f"na_av_backward{_suffix}(Tensor grad_out, Tensor attn, Tensor v, {_NA_CONF}) "
+               "-> (Tensor grad_attn, Tensor grad_v)")

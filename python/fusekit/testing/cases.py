@@ -82,3 +82,72 @@ def random_attention_cases(count: int, seed: int, max_len: int = 40, head_dims=(
         out.append(AttentionCase(batch=rng.choice([1, 2, 3]), lq=lq, lk=lk, hq=hkv * rng.choice(groups), hkv=hkv,
                                  d=rng.choice(head_dims), causal=rng.random() < 0.5, window=window))
     return out
+
+
+@dataclass(frozen=True)
+class NeighborhoodCase:
+    batch: int
+    spatial: tuple
+    kernel_size: tuple
+    stride: tuple
+    dilation: tuple
+    is_causal: tuple
+    hq: int
+    hkv: int
+    d: int
+    rpb: bool
+
+    @property
+    def rank(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def slots(self) -> int:
+        n = 1
+        for k in self.kernel_size:
+            n *= k
+        return n
+
+    def conf(self) -> dict:
+        return dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, is_causal=self.is_causal)
+
+    def __str__(self) -> str:
+        axes = "x".join(map(str, self.spatial))
+        causal = "".join("c" if c else "-" for c in self.is_causal)
+        return (f"b{self.batch}-{axes}-k{self.kernel_size}-s{self.stride}-d{self.dilation}-{causal}"
+                f"-h{self.hq}/{self.hkv}-d{self.d}{'-rpb' if self.rpb else ''}")
+
+
+def random_neighborhood_cases(count: int, seed: int, ranks=(1, 2, 3), head_dims=(1, 8, 16, 24, 32, 33),
+                              max_tokens: int = 300) -> list[NeighborhoodCase]:
+    """Odd and even kernels, windows shifted at both borders, dilation groups of unequal length,
+    strides up to the kernel, per-axis causal, GQA/MQA, relative positional bias."""
+    rng = random.Random(seed)
+    out: list[NeighborhoodCase] = []
+    while len(out) < count:
+        rank = rng.choice(ranks)
+        per_axis_max = {1: 40, 2: 14, 3: 7}[rank]
+        spatial, ks, ss, ds = [], [], [], []
+        for _ in range(rank):
+            k = rng.randint(2, min(7, per_axis_max))
+            d = rng.choice([1, 1, 2, 3])
+            length = rng.randint(k * d, max(k * d, per_axis_max))
+            spatial.append(length)
+            ks.append(k)
+            ss.append(rng.choice([1, 1, rng.randint(1, k)]))
+            ds.append(d)
+        if len(out) % 3 == 2:  # a third non-causal with rpb
+            causal = (False,) * rank
+        else:
+            causal = tuple(rng.random() < 0.3 for _ in range(rank))
+        tokens = 1
+        for s in spatial:
+            tokens *= s
+        if tokens > max_tokens:
+            continue
+        hkv = rng.choice([1, 2])
+        out.append(NeighborhoodCase(batch=rng.choice([1, 2]), spatial=tuple(spatial), kernel_size=tuple(ks),
+                                    stride=tuple(ss), dilation=tuple(ds), is_causal=causal,
+                                    hq=hkv * rng.choice([1, 2, 4]), hkv=hkv, d=rng.choice(head_dims),
+                                    rpb=not any(causal) and rng.random() < 0.6))
+    return out

@@ -152,3 +152,189 @@ def mqa_decode_reference(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=N
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses), k_after, v_after
+
+
+# ----------------------------------------------------------------------------------------------
+# neighborhood attention (DESIGN.md 5.1): windows from the definition, then an explicit mask over
+# full attention
+# ----------------------------------------------------------------------------------------------
+
+def _per_axis(value, rank: int, name: str) -> tuple:
+    if isinstance(value, (int, bool)):
+        return (value,) * rank
+    value = tuple(value)
+    if len(value) != rank:
+        raise ValueError(f"{name} must have {rank} entries, got {value}")
+    return value
+
+
+def na_axis_windows(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> list[tuple[int, int]]:
+    """Per query i of one axis: (first key, number of keys); the keys are first + n * dilation."""
+    out = []
+    for i in range(length):
+        group, ig = i % dilation, i // dilation
+        group_len = -(-(length - group) // dilation)
+        if causal:
+            leader = min((ig // stride) * stride + stride - 1, group_len - 1)
+            start = max(leader - kernel + 1, 0)
+            count = ig - start + 1
+        else:
+            leader = min((ig // stride) * stride + stride // 2, group_len - 1)
+            start = min(max(leader - kernel // 2, 0), group_len - kernel)
+            count = kernel
+        out.append((start * dilation + group, count))
+    return out
+
+
+def na_neighbors(spatial, kernel_size, stride=1, dilation=1, is_causal=False, device=None):
+    """Neighbour table of rank-R NA over tokens flattened row-major (N = prod(spatial) tokens,
+    K = prod(kernel_size) slots, slot = row-major multi-index of per-axis window offsets).
+
+    Returns (key [N, K] long token index (0 where invalid), valid [N, K] bool,
+    rpb_index [N, K, R] long: (j - i) / d + k - 1 per axis)."""
+    spatial = tuple(spatial)
+    rank = len(spatial)
+    ks = _per_axis(kernel_size, rank, "kernel_size")
+    ss, ds, cs = (_per_axis(x, rank, n) for x, n in ((stride, "stride"), (dilation, "dilation"), (is_causal, "is_causal")))
+    key = torch.zeros(1, 1, dtype=torch.long)
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    rel = torch.zeros(1, 1, 0, dtype=torch.long)
+    for ax in range(rank):
+        length, k, d = spatial[ax], ks[ax], ds[ax]
+        wins = na_axis_windows(length, k, ss[ax], d, bool(cs[ax]))
+        first = torch.tensor([w[0] for w in wins]).view(length, 1)
+        count = torch.tensor([w[1] for w in wins]).view(length, 1)
+        slot = torch.arange(k).view(1, k)
+        ax_key = first + slot * d                           # [L, k]
+        ax_valid = slot < count
+        ax_rel = (ax_key - torch.arange(length).view(length, 1)) // d + k - 1
+        # combine: new token index = old * L + coordinate; slots multiply row-major
+        n_old, k_old = key.shape
+        key = (key.view(n_old, 1, k_old, 1) * length + ax_key.view(1, length, 1, k)).reshape(n_old * length, k_old * k)
+        valid = (valid.view(n_old, 1, k_old, 1) & ax_valid.view(1, length, 1, k)).reshape(n_old * length, k_old * k)
+        rel = torch.cat([rel.view(n_old, 1, k_old, 1, -1).expand(n_old, length, k_old, k, rel.shape[-1]),
+                         ax_rel.view(1, length, 1, k, 1).expand(n_old, length, k_old, k, 1)], -1)
+        rel = rel.reshape(n_old * length, k_old * k, ax + 1)
+    key = torch.where(valid, key, torch.zeros_like(key))
+    return key.to(device), valid.to(device), rel.to(device)
+
+
+def na_mask(spatial, kernel_size, stride=1, dilation=1, is_causal=False, device=None) -> torch.Tensor:
+    """[N, N] bool: True where query token i (row-major) attends key token j."""
+    key, valid, _ = na_neighbors(spatial, kernel_size, stride, dilation, is_causal)
+    n = key.shape[0]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    rows = torch.arange(n).view(n, 1).expand_as(key)
+    mask[rows[valid], key[valid]] = True
+    return mask.to(device)
+
+
+def _na_rpb_bias(rpb, spatial, kernel_size, stride, dilation):
+    """[Hq, N, N] float64 bias: rpb[h, idx] on each (query, neighbour) pair, 0 elsewhere."""
+    key, valid, rel = na_neighbors(spatial, kernel_size, stride, dilation, False)
+    n = key.shape[0]
+    flat_rpb = rpb.double().reshape(rpb.shape[0], -1)
+    sizes = rpb.shape[1:]
+    flat_idx = torch.zeros_like(key)
+    for ax, size in enumerate(sizes):
+        flat_idx = flat_idx * size + rel[..., ax]
+    gathered = flat_rpb[:, flat_idx.to(rpb.device)]            # [Hq, N, K]
+    gathered = gathered * valid.to(rpb.device)
+    bias = torch.zeros(rpb.shape[0], n, n, dtype=torch.float64, device=rpb.device)
+    return bias.scatter_add(2, key.to(rpb.device).unsqueeze(0).expand_as(gathered), gathered)
+
+
+def na_reference(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale: float | None = None,
+                 rpb=None, additional_keys=None, additional_values=None):
+    """Neighborhood attention in float64 as masked full attention.
+
+    q [B, *spatial, Hq, D], k/v [B, *spatial, Hkv, D]; rpb [Hq, 2k_0-1, ...] (non-causal);
+    additional_keys/values [B, n_extra, Hkv, D] are seen by every query. Returns
+    (out [B, *spatial, Hq, D], lse [B, *spatial, Hq]), differentiable."""
+    q, k, v = q.double(), k.double(), v.double()
+    spatial = tuple(q.shape[1:-2])
+    b, hq, hkv, d = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    n = 1
+    for s in spatial:
+        n *= s
+    group = hq // hkv
+    qf = q.reshape(b, n, hq, d)
+    kf = k.reshape(b, n, hkv, d).repeat_interleave(group, dim=2)
+    vf = v.reshape(b, n, hkv, d).repeat_interleave(group, dim=2)
+    logits = torch.einsum("bihd,bjhd->bhij", qf, kf) * scale
+    if rpb is not None:
+        logits = logits + _na_rpb_bias(rpb, spatial, kernel_size, stride, dilation).unsqueeze(0)
+    mask = na_mask(spatial, kernel_size, stride, dilation, is_causal, q.device)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    values = vf
+    if additional_keys is not None:
+        ak = additional_keys.double().repeat_interleave(group, dim=2)
+        av = additional_values.double().repeat_interleave(group, dim=2)
+        logits = torch.cat([logits, torch.einsum("bihd,bjhd->bhij", qf, ak) * scale], dim=-1)
+        values = torch.cat([vf, av], dim=1)
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.einsum("bhij,bjhd->bihd", torch.exp(logits - lse.unsqueeze(-1)), values)
+    return out.reshape(q.shape), lse.transpose(1, 2).reshape(q.shape[:-1])
+
+
+def na_qk_reference(q, k, kernel_size, stride=1, dilation=1, is_causal=False, scale: float = 1.0, rpb=None):
+    """Unfused logits in float64: attn [B, Hq, *spatial, K] = scale * q . k_neighbour + rpb, -inf in
+    slots a causal window does not reach."""
+    q, k = q.double(), k.double()
+    spatial = tuple(q.shape[1:-2])
+    b, hq, hkv, d = q.shape[0], q.shape[-2], k.shape[-2], q.shape[-1]
+    key, valid, rel = na_neighbors(spatial, kernel_size, stride, dilation, is_causal, q.device)
+    n, kk = key.shape
+    qf = q.reshape(b, n, hq, d)
+    kf = k.reshape(b, n, hkv, d).repeat_interleave(hq // hkv, dim=2)
+    kn = kf[:, key]                                            # [B, N, K, Hq, D]
+    attn = torch.einsum("bihd,bikhd->bhik", qf, kn) * scale
+    if rpb is not None:
+        flat_idx = torch.zeros_like(key)
+        for ax, size in enumerate(rpb.shape[1:]):
+            flat_idx = flat_idx * size + rel[..., ax]
+        attn = attn + rpb.double().reshape(hq, -1)[:, flat_idx].unsqueeze(0)
+    attn = attn.masked_fill(~valid, float("-inf"))
+    return attn.reshape(b, hq, *spatial, kk)
+
+
+def na_av_reference(attn, v, kernel_size, stride=1, dilation=1, is_causal=False):
+    """Unfused weighted sum in float64: out [B, *spatial, Hq, D] = sum over valid slots of
+    attn * v_neighbour (invalid slots are ignored whatever they hold)."""
+    attn, v = attn.double(), v.double()
+    b, hq = attn.shape[:2]
+    spatial = tuple(attn.shape[2:-1])
+    hkv, d = v.shape[-2], v.shape[-1]
+    key, valid, _ = na_neighbors(spatial, kernel_size, stride, dilation, is_causal, v.device)
+    n, kk = key.shape
+    weights = torch.where(valid, attn.reshape(b, hq, n, kk), torch.zeros((), dtype=torch.float64, device=v.device))
+    vf = v.reshape(b, n, hkv, d).repeat_interleave(hq // hkv, dim=2)
+    out = torch.einsum("bhik,bikhd->bihd", weights, vf[:, key])
+    return out.reshape(b, *spatial, hq, d)
+
+
+def na_unfused_reference(q, k, v, kernel_size, stride=1, dilation=1, is_causal=False, scale: float | None = None,
+                         rpb=None, additional_keys=None, additional_values=None):
+    """Neighborhood attention in float64 through the neighbour table (O(N * K) memory, unlike
+    na_reference's O(N^2) mask): the "reference" backend of fusekit.na*d. Returns (out, lse) as
+    na_reference does."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    attn = na_qk_reference(q, k, kernel_size, stride, dilation, is_causal, scale, rpb)
+    b, hq = attn.shape[:2]
+    spatial = tuple(attn.shape[2:-1])
+    kk = attn.shape[-1]
+    if additional_keys is not None:
+        group = hq // additional_keys.shape[2]
+        qg = q.double().reshape(b, -1, additional_keys.shape[2], group, q.shape[-1])
+        extra = torch.einsum("bihgd,bjhd->bhgij", qg, additional_keys.double()) * scale
+        attn = torch.cat([attn, extra.reshape(b, hq, *spatial, -1)], dim=-1)
+    lse = torch.logsumexp(attn, dim=-1)
+    probs = torch.exp(attn - lse.unsqueeze(-1))
+    out = na_av_reference(probs[..., :kk], v, kernel_size, stride, dilation, is_causal)
+    if additional_values is not None:
+        hkv = additional_values.shape[2]
+        pg = probs[..., kk:].reshape(b, hkv, hq // hkv, -1, probs.shape[-1] - kk)
+        extra_out = torch.einsum("bhgij,bjhd->bihgd", pg, additional_values.double())
+        out = out + extra_out.reshape(out.shape)
+    return out, lse.movedim(1, -1)
