@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu_dispatch.h"
 #include "../kernels/mqa_cpu.h"
 
 namespace fusekit {
@@ -64,19 +65,6 @@ FUSEKIT_MQA_ENTRIES(float, f32)
 FUSEKIT_MQA_ENTRIES(double, f64)
 FUSEKIT_MQA_ENTRIES(cpu::bf16_t, bf16)
 FUSEKIT_MQA_ENTRIES(cpu::fp16_t, f16)
-
-// The one dtype switch of this launcher: calls f with a null pointer of the storage type.
-template <typename F>
-void dispatch_dtype(const at::Tensor& t, const char* op, F&& f) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return f(static_cast<float*>(nullptr));
-    case at::kDouble: return f(static_cast<double*>(nullptr));
-    case at::kBFloat16: return f(static_cast<cpu::bf16_t*>(nullptr));
-    case at::kHalf: return f(static_cast<cpu::fp16_t*>(nullptr));
-    default:
-      TORCH_CHECK_TYPE(false, op, ": dtype ", t.scalar_type(), " is not supported (float32, float64, float16, bfloat16)");
-  }
-}
 
 // Runs `tasks` work items of an entry on every thread, each thread with its own 128-byte aligned scratch.
 template <typename Entry, typename Params>
@@ -211,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> mqa_forward_cpu(const at::Tensor& q_in, const
   }
   p.q = view_of(q); p.k = view_of(k); p.v = view_of(v); p.out = view_of(out);
   p.lse = lse.data_ptr();
-  dispatch_dtype(q, op, [&](auto* tag) {
+  dispatch_cpu_dtype(q, op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const MqaPlan plan = cpu::make_forward_plan<T>(p, at::get_num_threads());
     run_tasks(entries<T>().forward, p, plan, plan.tasks);
@@ -259,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mqa_backward_cpu(
   p.grad_q = view_of(grad_q); p.grad_k = view_of(grad_k); p.grad_v = view_of(grad_v);
   p.lse = const_cast<void*>(lse.const_data_ptr());
   p.delta = delta.data_ptr();
-  dispatch_dtype(q, op, [&](auto* tag) {
+  dispatch_cpu_dtype(q, op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int threads = at::get_num_threads();
     const int64_t rows = lse.numel() / std::max<int64_t>(p.q_heads, 1);
@@ -333,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> mqa_decode_cpu(const at::Tensor& q_in, const 
   p.causal = causal;
   p.window_left = wl < 0 ? -1 : wl;
   p.window_right = wr < 0 ? -1 : wr;
-  dispatch_dtype(q, op, [&](auto* tag) {
+  dispatch_cpu_dtype(q, op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     cpu::decode_append<T>(p);
     const MqaPlan plan = cpu::make_decode_plan<T>(p, num_splits, at::get_num_threads());

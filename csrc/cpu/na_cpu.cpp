@@ -11,6 +11,8 @@
 #include <optional>
 #include <tuple>
 
+#include "../na_launch.h"
+#include "cpu_dispatch.h"
 #include "../kernels/na_cpu.h"
 
 namespace fusekit {
@@ -64,25 +66,15 @@ FUSEKIT_NA_ENTRIES(double, f64)
 FUSEKIT_NA_ENTRIES(cpu::bf16_t, bf16)
 FUSEKIT_NA_ENTRIES(cpu::fp16_t, f16)
 
-// The one dtype switch of this launcher: calls f with a null pointer of the storage type.
-template <typename F>
-void dispatch_dtype(const at::Tensor& t, const char* op, F&& f) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return f(static_cast<float*>(nullptr));
-    case at::kDouble: return f(static_cast<double*>(nullptr));
-    case at::kBFloat16: return f(static_cast<cpu::bf16_t*>(nullptr));
-    case at::kHalf: return f(static_cast<cpu::fp16_t*>(nullptr));
-    default:
-      TORCH_CHECK_TYPE(false, op, ": dtype ", t.scalar_type(),
-                       " is not supported (float32, float64, float16, bfloat16)");
-  }
-}
-
 // Runs the plan's tasks on every thread, each with its own 128-byte aligned scratch. Dynamic
 // (a shared queue) unless rpb_partial is given: then `ranges` static task ranges, range r
 // accumulating grad_rpb into rpb_partial[r] (deterministic whatever thread runs it).
-void run_tasks(NaEntry entry, const NaParams& p, const NaPlan& plan, at::Tensor* rpb_partial = nullptr) {
-  if (plan.tasks <= 0) return;
+void run_tasks(NaEntry entry, const NaParams& p, const NaPlan& plan_in, at::Tensor* rpb_partial = nullptr) {
+  if (plan_in.tasks <= 0) return;
+  // claims of consecutive tasks (the heads and neighbouring tiles that share cached rows), about
+  // 32 claims per thread: few enough to keep a thread on its own run, enough to balance the tail
+  NaPlan plan = plan_in;
+  plan.claim = std::max<int64_t>(1, plan.tasks / (32 * int64_t(at::get_num_threads())));
   const size_t bytes = size_t(cpu::round_up(std::max<int64_t>(plan.scratch_bytes, 128), 128));
   auto with_scratch = [&](auto&& body) {
     std::unique_ptr<void, void (*)(void*)> scratch(std::aligned_alloc(128, bytes), std::free);
@@ -91,8 +83,8 @@ void run_tasks(NaEntry entry, const NaParams& p, const NaPlan& plan, at::Tensor*
   };
   if (rpb_partial == nullptr) {
     TaskQueue queue;
-    queue.count = plan.tasks;
-    const int64_t threads = std::min<int64_t>(at::get_num_threads(), plan.tasks);
+    queue.count = cpu::ceil_div(plan.tasks, plan.claim);
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), queue.count);
     at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
       with_scratch([&](void* s) {
         for (int64_t i = begin; i < end; ++i) entry(p, plan, &queue, 0, 0, s, nullptr);
@@ -139,10 +131,7 @@ at::Tensor describe(const char* op, NaParams& p, const at::Tensor& q, const at::
                     const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                     at::IntArrayRef dilation, const c10::List<bool>& is_causal, double scale) {
   const int64_t R = int64_t(kernel_size.size());
-  TORCH_CHECK(R >= 1 && R <= 3, op, ": kernel_size must have 1, 2 or 3 entries (the spatial rank), got ", R);
-  TORCH_CHECK(int64_t(stride.size()) == R && int64_t(dilation.size()) == R && int64_t(is_causal.size()) == R, op,
-              ": kernel_size, stride, dilation and is_causal must have the same length, got ", R, ", ",
-              stride.size(), ", ", dilation.size(), ", ", is_causal.size());
+  // rank and per-axis rules: na_axes_from_args below
   TORCH_CHECK(q.dim() == R + 3, op, ": q must be [B, *spatial(", R, "), Hq, D], got shape ", q.sizes());
   TORCH_CHECK(k.dim() == R + 3, op, ": k must be [B, *spatial(", R, "), Hkv, D], got shape ", k.sizes());
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
@@ -162,23 +151,8 @@ at::Tensor describe(const char* op, NaParams& p, const at::Tensor& q, const at::
   p.kv_heads = hkv;
   p.head_dim = D;
   p.scale = scale;
-  bool any_causal = false;
-  for (int64_t a = 0; a < R; ++a) {
-    na::Axis& ax = p.axis[3 - R + a];
-    ax.length = q.size(1 + a);
-    ax.kernel = kernel_size[a];
-    ax.stride = stride[a];
-    ax.dilation = dilation[a];
-    ax.causal = is_causal.get(a);
-    any_causal |= ax.causal;
-    TORCH_CHECK(ax.kernel >= 1 && ax.dilation >= 1 && ax.kernel * ax.dilation <= ax.length, op, ": axis ", a,
-                " needs kernel_size >= 1, dilation >= 1 and kernel_size * dilation <= length, got kernel_size ",
-                ax.kernel, ", dilation ", ax.dilation, ", length ", ax.length);
-    TORCH_CHECK(ax.stride >= 1 && ax.stride <= ax.kernel, op, ": axis ", a,
-                " needs 1 <= stride <= kernel_size, got stride ", ax.stride, " and kernel_size ", ax.kernel);
-    // coordinates are compared in 32-bit lanes (2^30: the padded-lane sentinel)
-    TORCH_CHECK(ax.length < (int64_t(1) << 30), op, ": spatial sizes must be below 2^30, got ", ax.length);
-  }
+  const bool any_causal = na_axes_from_args(op, q.sizes().slice(1, R), kernel_size, stride, dilation, is_causal,
+                                             p.axis);
   if (!rpb.has_value() || !rpb->defined()) return at::Tensor();
   TORCH_CHECK(!any_causal, op, ": rpb (relative positional bias) is only supported when no axis is causal");
   check_same(op, q, "q", *rpb, "rpb");
@@ -203,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> na_forward_cpu(const at::Tensor& q_in, const 
   p.q = view_of(q); p.k = view_of(k); p.v = view_of(v); p.out = view_of(out);
   p.rpb = rpb_acc.defined() ? rpb_acc.const_data_ptr() : nullptr;
   p.lse = lse.data_ptr();
-  dispatch_dtype(q, op, [&](auto* tag) {
+  dispatch_cpu_dtype(q, op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     run_tasks(entries<T>().forward, p, cpu::make_query_plan<T>(p, false));
   });
@@ -242,7 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward_cpu(
   p.lse = const_cast<void*>(lse.const_data_ptr());
   p.delta = delta.data_ptr();
   at::Tensor grad_rpb = q.new_empty({0});
-  dispatch_dtype(q, op, [&](auto* tag) {
+  dispatch_cpu_dtype(q, op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t rows = lse.numel() / p.q_heads;
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / (p.q_heads * p.head_dim)),

@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../na_launch.h"
+#include "cpu_dispatch.h"
 #include "../kernels/na_unfused_cpu.h"
 
 namespace fusekit {
@@ -58,19 +60,6 @@ FUSEKIT_NA_ENTRIES(double, f64)
 FUSEKIT_NA_ENTRIES(cpu::bf16_t, bf16)
 FUSEKIT_NA_ENTRIES(cpu::fp16_t, f16)
 
-// The one dtype switch of this launcher: calls f with a null pointer of the storage type.
-template <typename F>
-void dispatch_dtype(const at::Tensor& t, const char* op, F&& f) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return f(static_cast<float*>(nullptr));
-    case at::kDouble: return f(static_cast<double*>(nullptr));
-    case at::kBFloat16: return f(static_cast<cpu::bf16_t*>(nullptr));
-    case at::kHalf: return f(static_cast<cpu::fp16_t*>(nullptr));
-    default:
-      TORCH_CHECK_TYPE(false, op, ": dtype ", t.scalar_type(), " is not supported (float32, float64, float16, bfloat16)");
-  }
-}
-
 // Splits `tasks` into one contiguous range per thread (chunk c of `chunks`): f(begin, end, c).
 // Fixed ranges make the per-chunk grad_rpb sums deterministic for a given thread count.
 template <typename F>
@@ -98,27 +87,9 @@ NaConfig make_config(const char* op, at::IntArrayRef spatial, at::IntArrayRef ke
                      at::IntArrayRef dilation, const c10::List<bool>& is_causal) {
   NaConfig cfg;
   const int64_t R = int64_t(kernel_size.size());
-  TORCH_CHECK(R >= 1 && R <= kNaMaxRank, op, ": kernel_size must have 1 to 3 entries, got ", kernel_size);
-  TORCH_CHECK(int64_t(stride.size()) == R && int64_t(dilation.size()) == R && int64_t(is_causal.size()) == R, op,
-              ": kernel_size, stride, dilation and is_causal must have the same number of entries, got ", kernel_size,
-              ", ", stride, ", ", dilation, " and ", is_causal.size(), " flags");
-  TORCH_CHECK(int64_t(spatial.size()) == R, op, ": the inputs have ", spatial.size(),
-              " spatial dims but kernel_size has ", R, " entries");
+  na_axes_from_args(op, spatial, kernel_size, stride, dilation, is_causal, cfg.axis);
   cfg.rank = R;
-  for (int64_t a = 0; a < R; ++a) {
-    na::Axis& ax = cfg.axis[kNaMaxRank - R + a];
-    ax.length = spatial[a];
-    ax.kernel = kernel_size[a];
-    ax.stride = stride[a];
-    ax.dilation = dilation[a];
-    ax.causal = is_causal.get(a);
-    TORCH_CHECK(ax.kernel >= 1 && ax.dilation >= 1 && ax.stride >= 1 && ax.stride <= ax.kernel, op, ": axis ", a,
-                ": need kernel_size >= 1, dilation >= 1 and 1 <= stride <= kernel_size, got kernel_size ", ax.kernel,
-                ", stride ", ax.stride, ", dilation ", ax.dilation);
-    TORCH_CHECK(ax.kernel * ax.dilation <= ax.length, op, ": axis ", a, ": kernel_size * dilation (", ax.kernel,
-                " * ", ax.dilation, ") must not exceed the length ", ax.length);
-    cfg.spatial.push_back(ax.length);
-  }
+  for (int64_t a = 0; a < R; ++a) cfg.spatial.push_back(spatial[a]);
   for (int64_t a = 0; a < kNaMaxRank; ++a) {
     cfg.table[a].build(cfg.axis[a]);
     cfg.tokens *= cfg.axis[a].length;
@@ -206,7 +177,7 @@ at::Tensor rows_like(const NaUnfusedParams& p, const NaConfig& cfg, int64_t head
 }
 
 void run_dots(const NaUnfusedParams& p, const at::Tensor& dtype_of, const char* op) {
-  dispatch_dtype(dtype_of, op, [&](auto* tag) {
+  dispatch_cpu_dtype(dtype_of, op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const TasksEntry f = entries<T>().dots;
     const int64_t tasks = p.query_tasks();
@@ -215,7 +186,7 @@ void run_dots(const NaUnfusedParams& p, const at::Tensor& dtype_of, const char* 
 }
 
 void run_inverse(const NaUnfusedParams& p, const at::Tensor& dtype_of, const char* op) {
-  dispatch_dtype(dtype_of, op, [&](auto* tag) {
+  dispatch_cpu_dtype(dtype_of, op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const TasksEntry f = entries<T>().inverse;
     const int64_t tasks = p.key_tasks();
@@ -226,7 +197,7 @@ void run_inverse(const NaUnfusedParams& p, const at::Tensor& dtype_of, const cha
 // slot_weighted_sums; with grad_rpb defined, also sums the weights into it (per-chunk buffers in
 // the accumulation type, added in chunk order, then rounded once to grad_rpb's dtype).
 void run_sums(const NaUnfusedParams& p, const at::Tensor& dtype_of, const char* op, at::Tensor* grad_rpb) {
-  dispatch_dtype(dtype_of, op, [&](auto* tag) {
+  dispatch_cpu_dtype(dtype_of, op, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = typename cpu::AccOf<T>::type;
     const SumsEntry f = entries<T>().sums;

@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../na_launch.h"
 #include "na_cuda.h"
 
 namespace fusekit {
@@ -59,11 +60,7 @@ void describe(const char* op, NaCudaParams& p, const at::Tensor& q, const at::Te
               const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size, at::IntArrayRef stride,
               at::IntArrayRef dilation, const c10::List<bool>& is_causal, double scale) {
   const int64_t R = static_cast<int64_t>(kernel_size.size());
-  TORCH_CHECK(R >= 1 && R <= 3, op, ": kernel_size must have 1, 2 or 3 entries (the spatial rank), got ", R);
-  TORCH_CHECK(static_cast<int64_t>(stride.size()) == R && static_cast<int64_t>(dilation.size()) == R &&
-                  static_cast<int64_t>(is_causal.size()) == R,
-              op, ": kernel_size, stride, dilation and is_causal must have the same length, got ", R, ", ",
-              stride.size(), ", ", dilation.size(), ", ", is_causal.size());
+  // rank and per-axis rules: na_axes_from_args below
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got device ", q.device());
   TORCH_CHECK(q.dim() == R + 3, op, ": q must be [B, *spatial(", R, "), Hq, D], got shape ", q.sizes());
   TORCH_CHECK(k.dim() == R + 3, op, ": k must be [B, *spatial(", R, "), Hkv, D], got shape ", k.sizes());
@@ -85,22 +82,10 @@ void describe(const char* op, NaCudaParams& p, const at::Tensor& q, const at::Te
   p.Hkv = hkv;
   p.D = D;
   p.scale = static_cast<float>(scale);
-  bool any_causal = false;
+  const bool any_causal = na_axes_from_args(op, q.sizes().slice(1, R), kernel_size, stride, dilation, is_causal,
+                                             p.axis);
   int64_t group_tokens = 1;  // tokens of one dilation group: bounds every key / query box
-  for (int64_t a = 0; a < R; ++a) {
-    na::Axis& ax = p.axis[3 - R + a];
-    ax.length = q.size(1 + a);
-    ax.kernel = kernel_size[a];
-    ax.stride = stride[a];
-    ax.dilation = dilation[a];
-    ax.causal = is_causal.get(a);
-    any_causal |= ax.causal;
-    TORCH_CHECK(ax.kernel >= 1 && ax.dilation >= 1 && ax.kernel * ax.dilation <= ax.length, op, ": axis ", a,
-                " needs kernel_size >= 1, dilation >= 1 and kernel_size * dilation <= length, got kernel_size ",
-                ax.kernel, ", dilation ", ax.dilation, ", length ", ax.length);
-    TORCH_CHECK(ax.stride >= 1 && ax.stride <= ax.kernel, op, ": axis ", a,
-                " needs 1 <= stride <= kernel_size, got stride ", ax.stride, " and kernel_size ", ax.kernel);
-    TORCH_CHECK(ax.length < (int64_t(1) << 30), op, ": spatial sizes must be below 2^30, got ", ax.length);
+  for (const na::Axis& ax : p.axis) {
     group_tokens *= (ax.length + ax.dilation - 1) / ax.dilation;
     TORCH_CHECK(group_tokens <= INT_MAX - 64, op, ": a dilation group holds more than 2^31 tokens, which the "
                 "CUDA kernels' 32-bit box indices cannot address");

@@ -64,6 +64,7 @@ struct NaPlan {
   int64_t box_cap[3] = {1, 1, 1};     // query tiles: bound on the box extent per axis
   int64_t key_block = 128;            // forward / dQ: box keys per chunk; dK/dV: query positions per chunk
   int64_t tasks = 0;
+  int64_t claim = 1;                  // consecutive tasks per queue claim (the launcher sets it)
   int64_t scratch_bytes = 0;
   int64_t rpb_elems = 0;              // Hq * prod(2k - 1) (grad_rpb buffer per task range)
 };
@@ -438,11 +439,48 @@ FUSEKIT_INLINE void pack_tile_transposed(const NaParams& p, const NaItem& it, co
   }
 }
 
+// Brings the Q rows and K/V box rows of a query task into cache ahead of use: within a claim
+// the next task is this thread's (the next KV head, or the next tile), and its rows otherwise
+// arrive as demand misses (a tile's rows are scattered over many pages).
+template <typename T>
+FUSEKIT_INLINE void prefetch_query_task(const NaParams& p, const NaPlan& plan, int64_t task) {
+  NaItem it;
+  if (task >= plan.tasks || !na_item(p, plan, task, it)) return;
+  const int64_t g = plan.group, bytes = p.head_dim * int64_t(sizeof(T));
+  const int64_t group[3] = {it.ax[0].group, it.ax[1].group, it.ax[2].group};
+  const int64_t positions = it.ax[0].count * it.ax[1].count * it.ax[2].count;
+  for (int64_t pos = 0; pos < positions; ++pos) {
+    int64_t q_ig[3], x[3];
+    tile_position(it, pos, q_ig);
+    axis_position(p, q_ig, group, x);
+    for (int64_t hh = 0; hh < g; ++hh) {
+      const char* src = reinterpret_cast<const char*>(na_ptr<const T>(p.q, it.b, x, it.kvh * g + hh));
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(src + b, 0, 3);
+    }
+  }
+  const Box box = query_tile_box(p, it);
+  const int64_t zero[3] = {0, 0, 0};
+  int64_t x0[3];
+  axis_position(p, zero, zero, x0);
+  const T* k_head = na_ptr<const T>(p.k, it.b, x0, it.kvh);
+  const T* v_head = na_ptr<const T>(p.v, it.b, x0, it.kvh);
+  int64_t c[3] = {0, 0, 0};
+  for (int64_t j = 0, keys = box.size(); j < keys; ++j, box_next(box, c)) {
+    const char* ks = reinterpret_cast<const char*>(k_head + box_offset(p, box, p.k, c));
+    const char* vs = reinterpret_cast<const char*>(v_head + box_offset(p, box, p.v, c));
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(ks + b, 0, 3);
+      __builtin_prefetch(vs + b, 0, 3);
+    }
+  }
+}
+
 template <typename T, class Kit>
 FUSEKIT_INLINE void forward_task(const NaParams& p, const NaPlan& plan, int64_t task, void* scratch) {
   using A = typename AccOf<T>::type;
   NaItem it;
   if (!na_item(p, plan, task, it)) return;
+  prefetch_query_task<T>(p, plan, task + 1);
   const Box box = query_tile_box(p, it);
   const int64_t g = plan.group, D = p.head_dim, M = it.ax[0].count * it.ax[1].count * it.ax[2].count * g;
   const QueryRows qr{g, M, round_up(M, kVecLanes), {it.ax[0].count, it.ax[1].count, it.ax[2].count}};
@@ -712,12 +750,15 @@ FUSEKIT_INLINE void backward_kv_task(const NaParams& p, const NaPlan& plan, int6
 // task loops (the launcher's per-ISA entries)
 // ----------------------------------------------------------------------------------------------
 
-// Tasks from the queue when one is given (dynamic), else [begin, end) (static: grad_rpb ranges).
+// Tasks from the queue when one is given (dynamic: each claim is plan.claim consecutive tasks),
+// else [begin, end) (static: grad_rpb ranges).
 template <typename T, class Kit>
 FUSEKIT_INLINE void forward_tasks(const NaParams& p, const NaPlan& plan, TaskQueue* queue, int64_t begin, int64_t end,
                                   void* scratch, void*) {
   if (queue != nullptr)
-    for (int64_t task; queue->claim(task);) forward_task<T, Kit>(p, plan, task, scratch);
+    for (int64_t chunk; queue->claim(chunk);)
+      for (int64_t task = chunk * plan.claim, last = std::min(task + plan.claim, plan.tasks); task < last; ++task)
+        forward_task<T, Kit>(p, plan, task, scratch);
   else
     for (int64_t task = begin; task < end; ++task) forward_task<T, Kit>(p, plan, task, scratch);
 }
@@ -728,7 +769,9 @@ FUSEKIT_INLINE void backward_q_tasks(const NaParams& p, const NaPlan& plan, Task
   using A = typename AccOf<T>::type;
   A* buf = static_cast<A*>(grad_rpb_buf);
   if (queue != nullptr)
-    for (int64_t task; queue->claim(task);) backward_q_task<T, Kit>(p, plan, task, scratch, buf);
+    for (int64_t chunk; queue->claim(chunk);)
+      for (int64_t task = chunk * plan.claim, last = std::min(task + plan.claim, plan.tasks); task < last; ++task)
+        backward_q_task<T, Kit>(p, plan, task, scratch, buf);
   else
     for (int64_t task = begin; task < end; ++task) backward_q_task<T, Kit>(p, plan, task, scratch, buf);
 }
@@ -737,7 +780,9 @@ template <typename T, class Kit>
 FUSEKIT_INLINE void backward_kv_tasks(const NaParams& p, const NaPlan& plan, TaskQueue* queue, int64_t begin,
                                       int64_t end, void* scratch, void*) {
   if (queue != nullptr)
-    for (int64_t task; queue->claim(task);) backward_kv_task<T, Kit>(p, plan, task, scratch);
+    for (int64_t chunk; queue->claim(chunk);)
+      for (int64_t task = chunk * plan.claim, last = std::min(task + plan.claim, plan.tasks); task < last; ++task)
+        backward_kv_task<T, Kit>(p, plan, task, scratch);
   else
     for (int64_t task = begin; task < end; ++task) backward_kv_task<T, Kit>(p, plan, task, scratch);
 }
