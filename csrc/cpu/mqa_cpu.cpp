@@ -11,7 +11,7 @@
 #include <optional>
 #include <tuple>
 
-#include "cpu_dispatch.h"
+#include "cpu_launch.h"
 #include "../kernels/mqa_cpu.h"
 
 namespace fusekit {
@@ -81,9 +81,6 @@ void run_tasks(Entry entry, const Params& p, const MqaPlan& plan, int64_t tasks)
   });
 }
 
-at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Unit stride over the head dim is what the kernels assume; other strides are read in place.
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 MqaTensor view_of(const at::Tensor& t) {
@@ -95,12 +92,6 @@ MqaTensor view_of(const at::Tensor& t) {
     v.row_stride = t.stride(0); v.head_stride = t.stride(1);
   }
   return v;
-}
-
-void check_same(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-                   ref_name, " has dtype ", ref.scalar_type(), " (all must match)");
 }
 
 // cu_seqlens: int32 [B + 1] from 0, non-decreasing, inside the packed tensor's rows, every length
@@ -218,23 +209,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mqa_backward_cpu(
   MqaParams p;
   describe_attention(op, p, q_in, k_in, v_in, cu_q, cu_k, max_q, max_k);
   set_config(p, scale, causal, wl, wr);
-  check_same(op, q_in, "q", grad_out_in, "grad_out");
-  check_same(op, q_in, "q", out_in, "out");
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), op, ": grad_out must have q's shape ", q_in.sizes(), ", got ",
-              grad_out_in.sizes());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), op, ": out must have q's shape ", q_in.sizes(), ", got ",
-              out_in.sizes());
-  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == acc_dtype(q_in), op, ": lse must be a CPU ",
-              acc_dtype(q_in), " tensor, got ", lse_in.scalar_type(), " on ", lse_in.device());
-  TORCH_CHECK(lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1), op, ": lse must have shape q.shape[:-1] = ",
-              q_in.sizes().slice(0, q_in.dim() - 1), ", got ", lse_in.sizes());
-  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
-  const at::Tensor grad_out = unit_last(grad_out_in), out = unit_last(out_in), lse = lse_in.contiguous();
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor grad_q = at::empty(q.sizes(), q.options().memory_format(contiguous));
-  at::Tensor grad_k = at::empty(k.sizes(), k.options().memory_format(contiguous));
-  at::Tensor grad_v = at::empty(v.sizes(), v.options().memory_format(contiguous));
-  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  const AttentionBackwardTensors t = prepare_attention_backward(op, grad_out_in, q_in, k_in, v_in, out_in, lse_in);
+  const at::Tensor &q = t.q, &k = t.k, &v = t.v, &grad_out = t.grad_out, &out = t.out, &lse = t.lse;
+  const at::Tensor &grad_q = t.grad_q, &grad_k = t.grad_k, &grad_v = t.grad_v, &delta = t.delta;
   at::Tensor cq, ck;
   if (cu_q.has_value() && cu_q->defined()) {
     cq = cu_q->contiguous();

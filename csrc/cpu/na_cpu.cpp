@@ -12,7 +12,7 @@
 #include <tuple>
 
 #include "../na_launch.h"
-#include "cpu_dispatch.h"
+#include "cpu_launch.h"
 #include "../kernels/na_cpu.h"
 
 namespace fusekit {
@@ -103,9 +103,6 @@ void run_tasks(NaEntry entry, const NaParams& p, const NaPlan& plan_in, at::Tens
   });
 }
 
-at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Unit stride over the head dim is what the kernels assume; other strides are read in place.
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // [B, X_0 .. X_{R-1}, H, D] with leading spatial axes padded to 3 (stride 0).
@@ -117,12 +114,6 @@ NaTensor view_of(const at::Tensor& t) {
   v.head_stride = t.stride(-2);
   for (int64_t a = 0; a < rank; ++a) v.spatial_stride[3 - rank + a] = t.stride(1 + a);
   return v;
-}
-
-void check_same(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-                   ref_name, " has dtype ", ref.scalar_type(), " (all must match)");
 }
 
 // Shapes, configuration and rpb: everything the kernels rely on. Fills the size, axis and scale
@@ -192,23 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na_backward_cpu(
   constexpr const char* op = "fusekit::na_backward";
   NaParams p;
   const at::Tensor rpb_acc = describe(op, p, q_in, k_in, v_in, rpb, kernel_size, stride, dilation, is_causal, scale);
-  check_same(op, q_in, "q", grad_out_in, "grad_out");
-  check_same(op, q_in, "q", out_in, "out");
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes(), op, ": grad_out must have q's shape ", q_in.sizes(), ", got ",
-              grad_out_in.sizes());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), op, ": out must have q's shape ", q_in.sizes(), ", got ",
-              out_in.sizes());
-  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == acc_dtype(q_in), op, ": lse must be a CPU ",
-              acc_dtype(q_in), " tensor, got ", lse_in.scalar_type(), " on ", lse_in.device());
-  TORCH_CHECK(lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1), op, ": lse must have shape q.shape[:-1] = ",
-              q_in.sizes().slice(0, q_in.dim() - 1), ", got ", lse_in.sizes());
-  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
-  const at::Tensor grad_out = unit_last(grad_out_in), out = unit_last(out_in), lse = lse_in.contiguous();
-  const auto contiguous = at::MemoryFormat::Contiguous;
-  at::Tensor grad_q = at::empty(q.sizes(), q.options().memory_format(contiguous));
-  at::Tensor grad_k = at::empty(k.sizes(), k.options().memory_format(contiguous));
-  at::Tensor grad_v = at::empty(v.sizes(), v.options().memory_format(contiguous));
-  at::Tensor delta = at::empty(lse.sizes(), lse.options());
+  const AttentionBackwardTensors t = prepare_attention_backward(op, grad_out_in, q_in, k_in, v_in, out_in, lse_in);
+  const at::Tensor &q = t.q, &k = t.k, &v = t.v, &grad_out = t.grad_out, &out = t.out, &lse = t.lse;
+  const at::Tensor &grad_q = t.grad_q, &grad_k = t.grad_k, &grad_v = t.grad_v, &delta = t.delta;
   p.q = view_of(q); p.k = view_of(k); p.v = view_of(v); p.out = view_of(out);
   p.grad_out = view_of(grad_out);
   p.grad_q = view_of(grad_q); p.grad_k = view_of(grad_k); p.grad_v = view_of(grad_v);

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "../na_launch.h"
-#include "cpu_dispatch.h"
+#include "cpu_launch.h"
 #include "../kernels/na_unfused_cpu.h"
 
 namespace fusekit {
@@ -71,8 +71,6 @@ void run_chunks(int64_t tasks, int64_t chunks, F&& f) {
 }
 
 int64_t chunks_for(int64_t tasks) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks)); }
-
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // The validated configuration of one call: axes padded to 3 with leading {L 1, k 1, s 1, d 1}.
 struct NaConfig {
