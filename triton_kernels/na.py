@@ -181,6 +181,49 @@ def _in_window(key_g, start, end, KEYS_FIRST: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _key_box(t0, t1, t2, T0, T1, T2, len0, len1, len2, K0, K1, K2, S0, S1, S2, C0, C1, C2):
+    """Key box of a query tile, in group coordinates: per axis from the window start of the tile's
+    first query to the window end of its last. -> (lo0, lo1, lo2, n1, n2, number of keys)."""
+    lo0, _ = _window_in_group(t0 * T0, len0, K0, S0, C0)
+    lo1, _ = _window_in_group(t1 * T1, len1, K1, S1, C1)
+    lo2, _ = _window_in_group(t2 * T2, len2, K2, S2, C2)
+    _, hi0 = _window_in_group(tl.minimum(t0 * T0 + T0, len0) - 1, len0, K0, S0, C0)
+    _, hi1 = _window_in_group(tl.minimum(t1 * T1 + T1, len1) - 1, len1, K1, S1, C1)
+    _, hi2 = _window_in_group(tl.minimum(t2 * T2 + T2, len2) - 1, len2, K2, S2, C2)
+    n1 = hi1 - lo1
+    n2 = hi2 - lo2
+    return lo0, lo1, lo2, n1, n2, (hi0 - lo0) * n1 * n2
+
+
+@triton.jit
+def _box_chunk(flat, box, lo0, lo1, lo2, n1, n2, g0, g1, g2, DIL0, DIL1, DIL2, k_base, k_s0, k_s1, k_s2,
+               v_base, v_s0, v_s1, v_s2, offs_d, d_ok, q, row_ok, st0, en0, st1, en1, st2, en2, qk_scale_log2,
+               rpb_ptr, h, query_term, K0, K1, K2, HAS_RPB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One chunk (flat indices into the key box) of a query tile: its K and V rows, which (query,
+    key) pairs lie in the query's window, the log2-scaled scores (rpb added) and the keys' rpb term."""
+    key_ok = flat < box
+    c0, c1, c2 = _box_split(flat, n1, n2)
+    kg0 = lo0 + c0
+    kg1 = lo1 + c1
+    kg2 = lo2 + c2
+    kj0 = kg0 * DIL0 + g0
+    kj1 = kg1 * DIL1 + g1
+    kj2 = kg2 * DIL2 + g2
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load((k_base + _row_offsets(kj0, kj1, kj2, k_s0, k_s1, k_s2))[:, None] + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load((v_base + _row_offsets(kj0, kj1, kj2, v_s0, v_s1, v_s2))[:, None] + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    allowed = (row_ok[:, None] & key_ok[None, :] & _in_window(kg0, st0, en0, False)
+               & _in_window(kg1, st1, en1, False) & _in_window(kg2, st2, en2, False))
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    key_term = _rpb_term(kg0, kg1, kg2, K1, K2)
+    if HAS_RPB:
+        s += _rpb_gather(rpb_ptr, h, query_term[:, None], key_term[None, :], K0, K1, K2) * _LOG2E
+    return k, v, allowed, s, key_term
+
+
 @triton.jit(do_not_specialize=_SIZE_ARGS)
 def _na_fwd_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, out_ptr, lse_ptr,
@@ -224,16 +267,8 @@ def _na_fwd_kernel(
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     query_term = _rpb_term(qg0, qg1, qg2, K1, K2)
 
-    # Key box: window start of the tile's first query to window end of its last, per axis.
-    lo0, _ = _window_in_group(t0 * T0, len0, K0, S0, C0)
-    lo1, _ = _window_in_group(t1 * T1, len1, K1, S1, C1)
-    lo2, _ = _window_in_group(t2 * T2, len2, K2, S2, C2)
-    _, hi0 = _window_in_group(tl.minimum(t0 * T0 + T0, len0) - 1, len0, K0, S0, C0)
-    _, hi1 = _window_in_group(tl.minimum(t1 * T1 + T1, len1) - 1, len1, K1, S1, C1)
-    _, hi2 = _window_in_group(tl.minimum(t2 * T2 + T2, len2) - 1, len2, K2, S2, C2)
-    n1 = hi1 - lo1
-    n2 = hi2 - lo2
-    box = (hi0 - lo0) * n1 * n2
+    lo0, lo1, lo2, n1, n2, box = _key_box(t0, t1, t2, T0, T1, T2, len0, len1, len2, K0, K1, K2, S0, S1, S2,
+                                          C0, C1, C2)
     k_base = k_ptr + b64 * k_sb + kvh.to(tl.int64) * k_sh
     v_base = v_ptr + b64 * v_sb + kvh.to(tl.int64) * v_sh
 
@@ -241,26 +276,10 @@ def _na_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, box, BLOCK_N):
-        flat = n0 + offs_n
-        key_ok = flat < box
-        c0, c1, c2 = _box_split(flat, n1, n2)
-        kg0 = lo0 + c0
-        kg1 = lo1 + c1
-        kg2 = lo2 + c2
-        kj0 = kg0 * DIL0 + g0
-        kj1 = kg1 * DIL1 + g1
-        kj2 = kg2 * DIL2 + g2
-        kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load((k_base + _row_offsets(kj0, kj1, kj2, k_s0, k_s1, k_s2))[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load((v_base + _row_offsets(kj0, kj1, kj2, v_s0, v_s1, v_s2))[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        allowed = (row_ok[:, None] & key_ok[None, :] & _in_window(kg0, st0, en0, False)
-                   & _in_window(kg1, st1, en1, False) & _in_window(kg2, st2, en2, False))
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        if HAS_RPB:
-            s += _rpb_gather(rpb_ptr, h, query_term[:, None], _rpb_term(kg0, kg1, kg2, K1, K2)[None, :],
-                             K0, K1, K2) * _LOG2E
+        k, v, allowed, s, _ = _box_chunk(
+            n0 + offs_n, box, lo0, lo1, lo2, n1, n2, g0, g1, g2, DIL0, DIL1, DIL2, k_base, k_s0, k_s1, k_s2,
+            v_base, v_s0, v_s1, v_s2, offs_d, d_ok, q, row_ok, st0, en0, st1, en1, st2, en2, qk_scale_log2,
+            rpb_ptr, h, query_term, K0, K1, K2, HAS_RPB, DOT_PRECISION)
         s = tl.where(allowed, s, float("-inf"))
         # Online softmax (as mqa._online_softmax_tile, on scores that already carry the bias).
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -341,45 +360,22 @@ def _na_bwd_dq_kernel(
     query_term = _rpb_term(qg0, qg1, qg2, K1, K2)
     drpb_rows = drpb_ptr + (_rpb_offsets(h, 0, 0, 0, K0, K1, K2) - query_term)
 
-    lo0, _ = _window_in_group(t0 * T0, len0, K0, S0, C0)
-    lo1, _ = _window_in_group(t1 * T1, len1, K1, S1, C1)
-    lo2, _ = _window_in_group(t2 * T2, len2, K2, S2, C2)
-    _, hi0 = _window_in_group(tl.minimum(t0 * T0 + T0, len0) - 1, len0, K0, S0, C0)
-    _, hi1 = _window_in_group(tl.minimum(t1 * T1 + T1, len1) - 1, len1, K1, S1, C1)
-    _, hi2 = _window_in_group(tl.minimum(t2 * T2 + T2, len2) - 1, len2, K2, S2, C2)
-    n1 = hi1 - lo1
-    n2 = hi2 - lo2
-    box = (hi0 - lo0) * n1 * n2
+    lo0, lo1, lo2, n1, n2, box = _key_box(t0, t1, t2, T0, T1, T2, len0, len1, len2, K0, K1, K2, S0, S1, S2,
+                                          C0, C1, C2)
     k_base = k_ptr + b64 * k_sb + kvh.to(tl.int64) * k_sh
     v_base = v_ptr + b64 * v_sb + kvh.to(tl.int64) * v_sh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, box, BLOCK_N):
-        flat = n0 + offs_n
-        key_ok = flat < box
-        c0, c1, c2 = _box_split(flat, n1, n2)
-        kg0 = lo0 + c0
-        kg1 = lo1 + c1
-        kg2 = lo2 + c2
-        kj0 = kg0 * DIL0 + g0
-        kj1 = kg1 * DIL1 + g1
-        kj2 = kg2 * DIL2 + g2
-        kv_mask = key_ok[:, None] & d_ok[None, :]
-        k = tl.load((k_base + _row_offsets(kj0, kj1, kj2, k_s0, k_s1, k_s2))[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load((v_base + _row_offsets(kj0, kj1, kj2, v_s0, v_s1, v_s2))[:, None] + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        allowed = (row_ok[:, None] & key_ok[None, :] & _in_window(kg0, st0, en0, False)
-                   & _in_window(kg1, st1, en1, False) & _in_window(kg2, st2, en2, False))
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        if HAS_RPB:
-            s += _rpb_gather(rpb_ptr, h, query_term[:, None], _rpb_term(kg0, kg1, kg2, K1, K2)[None, :],
-                             K0, K1, K2) * _LOG2E
+        k, v, allowed, s, key_term = _box_chunk(
+            n0 + offs_n, box, lo0, lo1, lo2, n1, n2, g0, g1, g2, DIL0, DIL1, DIL2, k_base, k_s0, k_s1, k_s2,
+            v_base, v_s0, v_s1, v_s2, offs_d, d_ok, q, row_ok, st0, en0, st1, en1, st2, en2, qk_scale_log2,
+            rpb_ptr, h, query_term, K0, K1, K2, HAS_RPB, DOT_PRECISION)
         p = tl.where(allowed, tl.exp2(s - lse_log2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_RPB:
-            tl.atomic_add(drpb_rows[:, None] + _rpb_term(kg0, kg1, kg2, K1, K2)[None, :], ds, mask=allowed,
+            tl.atomic_add(drpb_rows[:, None] + key_term[None, :], ds, mask=allowed,
                           sem="relaxed")
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
