@@ -67,3 +67,23 @@ for _suffix in ("", "_triton"):
     lib.define(f"na_av{_suffix}(Tensor attn, Tensor v, {_NA_CONF}) -> Tensor")
     lib.define(f"na_av_backward{_suffix}(Tensor grad_out, Tensor attn, Tensor v, {_NA_CONF}) "
                "-> (Tensor grad_attn, Tensor grad_v)")
+
+# Fused inverted-residual blocks (DESIGN.md 5.4), inference kernels on BN-folded weights; x [N, Cin, H, W]
+# (NCHW or channels_last; the output follows x's layout). activation: 0 identity, 1 relu, 2 relu6,
+# 3 silu, 4 hardswish, applied after the expand and after the depthwise stage.
+#   inverted_residual_forward: a1 = act(x W_e^T + b_e) (a1 = x when w_expand is None), d = dw(a1) + b_dw,
+#     a2 = act(d) * gate[n, e] (gate [N, E] or None), y = a2 W_p^T + b_p (+ x when residual);
+#     w_expand [E, Cin], w_dw [E, kh, kw], w_project [Cout, E]. The expanded tensor is never written.
+#   inverted_residual_dw_sums: per sample and expanded channel, sums over output pixels of d, d*d and
+#     act(d): [N, 3, E] float32 (float64 for float64 x). Batch statistics and squeeze-excitation pooling.
+#   fused_mbconv_forward: a1 = act(conv_kxk(x, w_expand) + b_e) (w_expand [E, Cin, kh, kw]),
+#     y = a1 W_p^T + b_p (y = a1 when w_project is None) (+ x when residual).
+_IR_CONF = "int[2] stride, int[4] padding, int[2] dilation, int activation"
+for _suffix in ("", "_triton"):
+    lib.define(f"inverted_residual_forward{_suffix}(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, "
+               f"Tensor? b_dw, Tensor w_project, Tensor? b_project, Tensor? gate, {_IR_CONF}, bool residual) "
+               "-> Tensor")
+    lib.define(f"inverted_residual_dw_sums{_suffix}(Tensor x, Tensor? w_expand, Tensor? b_expand, Tensor w_dw, "
+               f"Tensor? b_dw, {_IR_CONF}) -> Tensor")
+    lib.define(f"fused_mbconv_forward{_suffix}(Tensor x, Tensor w_expand, Tensor? b_expand, Tensor? w_project, "
+               f"Tensor? b_project, {_IR_CONF}, bool residual) -> Tensor")

@@ -338,3 +338,81 @@ def na_unfused_reference(q, k, v, kernel_size, stride=1, dilation=1, is_causal=F
         extra_out = torch.einsum("bhgij,bjhd->bihgd", pg, additional_values.double())
         out = out + extra_out.reshape(out.shape)
     return out, lse.movedim(1, -1)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused inverted-residual blocks (DESIGN.md 5.4), on BN-folded weights
+# ----------------------------------------------------------------------------------------------
+
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "hardswish": 4}
+
+
+def activation_reference(u, activation):
+    """The block activations by their definitions (name or the kernels' integer code)."""
+    code = ACTIVATION_CODES[activation] if isinstance(activation, str) else int(activation)
+    if code == 0:
+        return u
+    if code == 1:
+        return u.clamp_min(0)
+    if code == 2:
+        return u.clamp(0, 6)
+    if code == 3:
+        return u * torch.sigmoid(u)
+    if code == 4:
+        return u * (u + 3).clamp(0, 6) / 6
+    raise ValueError(f"unknown activation code {activation!r}")
+
+
+def _pointwise(x64, w, b):
+    """1x1 convolution [N, C, H, W] x [O, C] (+ b[O]) as an explicit channel contraction."""
+    y = torch.einsum("nchw,oc->nohw", x64, w.double())
+    return y if b is None else y + b.double().view(1, -1, 1, 1)
+
+
+def inverted_residual_dw_reference(x, w_expand, b_expand, w_dw, b_dw, stride=1, padding=(1, 1, 1, 1), dilation=1,
+                                   activation="relu6"):
+    """d = dw(act(x W_e^T + b_e)) + b_dw (a1 = x without an expand stage), float64."""
+    x64 = x.double()
+    a1 = x64 if w_expand is None else activation_reference(_pointwise(x64, w_expand, b_expand), activation)
+    return depthwise_conv2d_reference(a1, w_dw.double().unsqueeze(1), b_dw, stride, tuple(padding), dilation)
+
+
+def inverted_residual_reference(x, w_expand, b_expand, w_dw, b_dw, w_project, b_project, gate=None, stride=1,
+                                padding=(1, 1, 1, 1), dilation=1, activation="relu6", residual=False):
+    """y = (act(dw(a1) + b_dw) * gate) W_p^T + b_p (+ x), the inverted_residual_forward definition, float64."""
+    d = inverted_residual_dw_reference(x, w_expand, b_expand, w_dw, b_dw, stride, padding, dilation, activation)
+    a2 = activation_reference(d, activation)
+    if gate is not None:
+        a2 = a2 * gate.double()[:, :, None, None]
+    y = _pointwise(a2, w_project, b_project)
+    return y + x.double() if residual else y
+
+
+def inverted_residual_dw_sums_reference(x, w_expand, b_expand, w_dw, b_dw, stride=1, padding=(1, 1, 1, 1),
+                                        dilation=1, activation="relu6"):
+    """[N, 3, E]: sums over output pixels of d, d*d and act(d), float64."""
+    d = inverted_residual_dw_reference(x, w_expand, b_expand, w_dw, b_dw, stride, padding, dilation, activation)
+    return torch.stack([d.sum((2, 3)), (d * d).sum((2, 3)), activation_reference(d, activation).sum((2, 3))], 1)
+
+
+def fused_mbconv_reference(x, w_expand, b_expand, w_project=None, b_project=None, stride=1, padding=(1, 1, 1, 1),
+                           dilation=1, activation="silu", residual=False):
+    """y = act(conv_kxk(x) + b_e) W_p^T + b_p (+ x); y = act(conv_kxk(x) + b_e) (+ x) without a project."""
+    x64 = x.double()
+    top, bottom, left, right = padding
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    xp = F.pad(x64, (left, right, top, bottom))
+    kh, kw = w_expand.shape[2:]
+    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    u = torch.zeros(x.shape[0], w_expand.shape[0], ho, wo, dtype=torch.float64, device=x.device)
+    for i in range(kh):  # explicit taps: independent of the convolution kernels used as baselines
+        for j in range(kw):
+            tap = xp[:, :, i * dh: i * dh + (ho - 1) * sh + 1: sh, j * dw: j * dw + (wo - 1) * sw + 1: sw]
+            u = u + torch.einsum("nchw,oc->nohw", tap, w_expand[:, :, i, j].double())
+    if b_expand is not None:
+        u = u + b_expand.double().view(1, -1, 1, 1)
+    a1 = activation_reference(u, activation)
+    y = a1 if w_project is None else _pointwise(a1, w_project, b_project)
+    return y + x64 if residual else y
