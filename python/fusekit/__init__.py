@@ -10,9 +10,9 @@ from .ops import schemas as _schemas  # noqa: F401  (op schemas first, then the 
 from . import _extension
 from .backends import BACKENDS, BackendError, available_backends, registered_ops, use_backend
 from ._extension import ExtensionUnavailable
-from .ops import (depthwise_conv1d, depthwise_conv2d, fused_mbconv, inception_dwconv2d, inverted_residual,
-                  multi_query_attention, multi_query_decode,
+from .ops import (depthwise_conv1d, depthwise_conv2d, inception_dwconv2d, multi_query_attention, multi_query_decode,
                   na1d, na1d_av, na1d_qk, na2d, na2d_av, na2d_qk, na3d, na3d_av, na3d_qk)
+from .ops.inverted_residual import fused_mbconv, inverted_residual  # noqa: E402  (the module keeps its name)
 from . import nn  # noqa: E402
 
 __all__ = [
