@@ -241,3 +241,119 @@ def test_gpu_suite_verifies_a_backend_only_when_all_its_gpu_tests_passed(tmp_pat
     assert v["inception_dwconv2d"]["triton"]["passed"] is True         # from the recorded properties
     missing = suite.verification(str(tmp_path / "none.xml"), ops, "sm_90", "abc", "H100", "2.11", "timeout")
     assert not any(e["passed"] for backends in missing.values() for e in backends.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# inverted residual (inference and training step)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ir_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_ir")
+    argv = ["inverted_residual", "inverted_residual_train", "--case", "tiny.ir", "tiny.ir.se.s2", "tiny.fmb",
+            "--batch", "2", "--backends", "reference", "--baselines", "eager_channels_last",
+            "eager_amp_channels_last", "eager_checkpoint_channels_last", "--json", str(out / "rows.json")] + FAST
+    status = cli.main(argv)
+    with open(out / "rows.json") as f:
+        return status, json.load(f)
+
+
+def test_inverted_residual_rows_are_checked_timed_and_carry_saved_memory(ir_run):
+    status, rows = ir_run
+    assert status == 0
+    keys = {(r["op"], r["case"], r["mode"], r["provider"]) for r in rows}
+    for case in ("tiny.ir", "tiny.ir.se.s2", "tiny.fmb"):
+        for provider in ("fusekit:reference", "eager", "eager_amp"):
+            assert ("inverted_residual", case, "fwd", provider) in keys
+        for provider in ("fusekit:reference", "eager", "eager_checkpoint"):
+            assert ("inverted_residual_train", case, "fwd_bwd", provider) in keys
+    assert {r["mode"] for r in rows if r["op"] == "inverted_residual"} == {"fwd"}
+    assert {r["mode"] for r in rows if r["op"] == "inverted_residual_train"} == {"fwd_bwd"}
+    for r in rows:
+        assert r["correct"] is True and r["checked"] == "all" and r["median_ms"] > 0, r
+        assert r["layout"] == "channels_last"
+        base = next(b for b in rows if b["op"] == r["op"] and b["case"] == r["case"] and b["provider"] == "eager")
+        assert math.isclose(r["speedup_vs_eager_channels_last"], base["median_ms"] / r["median_ms"], rel_tol=1e-12)
+        if r["provider"] == "eager_amp":
+            assert r["max_abs_err"] > 1e-4 and "bf16" in r["note"]   # bf16 autocast, its own tolerance
+        else:   # gradients sum over the batch's pixels: looser
+            assert r["max_abs_err"] < (1e-4 if r["mode"] == "fwd" else 1e-3)
+    for case in ("tiny.ir", "tiny.ir.se.s2", "tiny.fmb"):
+        train = {r["provider"]: r for r in rows if r["op"] == "inverted_residual_train" and r["case"] == case}
+        eager, fused, ckpt = train["eager"], train["fusekit:reference"], train["eager_checkpoint"]
+        assert eager["saved_vs_eager"] == 1.0 and eager["saved_bytes"] > 0
+        assert 0 < ckpt["saved_bytes"] < eager["saved_bytes"]
+        assert 0 < fused["saved_bytes"] < eager["saved_bytes"]
+        assert fused["saved_vs_eager"] == fused["saved_bytes"] / eager["saved_bytes"]
+        assert "saved for backward" in fused["note"] and fused["grad_vs_eager_max_abs"] < 1e-3
+
+
+def test_inverted_residual_bytes_and_flops_follow_the_documented_formulas(ir_run):
+    _, rows = ir_run
+    # tiny.ir: x 2x5x9x9 -> y 2x5x9x9, expand 5->13, dw 3x3, project 13->5, fp32
+    x = y = 2 * 5 * 9 * 9
+    weights = 13 * 5 + 13 * 9 + 5 * 13 + 2 * (13 + 13 + 5)
+    macs = 2 * 9 * 9 * 13 * 5 + 2 * 9 * 9 * 13 * (9 + 5)
+    fwd = next(r for r in rows if r["op"] == "inverted_residual" and r["case"] == "tiny.ir")
+    assert fwd["bytes"] == 4 * (x + weights + y) and fwd["flops"] == 2 * macs
+    train = next(r for r in rows if r["op"] == "inverted_residual_train" and r["case"] == "tiny.ir")
+    assert train["bytes"] == 4 * ((x + weights + y) + (y + x + x + weights)) and train["flops"] == 3 * 2 * macs
+
+
+def test_saved_for_backward_counts_distinct_storages_and_leaves_out_parameters():
+    from fusekit.bench.inverted_residual import saved_for_backward
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+
+    def fn(x, w):
+        h = x * w            # saves x and w
+        return (h * x).sum() + h.exp().sum()   # saves h and x again, exp saves its output
+    _, nbytes = saved_for_backward(fn, {"x": x, "w": w}, [w])
+    assert nbytes == 3 * 32 * 4  # x, h, exp(h); x once, w left out
+
+
+def test_training_rows_fail_when_fusekit_gradients_differ_from_eager():
+    from fusekit.bench.inverted_residual import InvertedResidualTrainBench
+    op = InvertedResidualTrainBench()
+    case = _case(op, "tiny.ir")
+    eager = op.baseline_fn(case, "eager")
+
+    class ScaledGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return 1.01 * g
+
+    def wrong_weight_grad(**inputs):
+        return eager(**dict(inputs, project_w=ScaledGrad.apply(inputs["project_w"])))
+
+    ts = harness.TimerSettings("cpu", 1, min_run_time=0.01)
+    rs = harness.RunSettings(ts, ["channels_last"], [], ["eager_channels_last"], tolerance, None)
+    item = harness.WorkItem(op, case, 2, "fp32", ("fwd_bwd",))
+    providers = [harness.Provider("fusekit:wrong", "channels_last", False, wrong_weight_grad),
+                 harness.Provider("eager", "channels_last", True, eager)]
+    rows = harness.run_item(item, rs, harness.environment("cpu", 1), {"copy_gbps": 1.0, "fma_gflops": 1.0}, providers)
+    from fusekit.bench.inverted_residual import annotate_saved_memory
+    annotate_saved_memory(op, item, rs, providers, rows)
+    wrong = next(r for r in rows if r["provider"] == "fusekit:wrong")
+    assert not wrong["correct"]   # the float64 check already catches it; the direct comparison says so too
+    assert wrong["note"].startswith("FAILED")
+
+
+def test_inverted_residual_quick_and_sweep_plans():
+    quick = cli.plan(cli.build_parser().parse_args([]), cli.OPS, "cpu", quick=True)
+    got = {(i.op.name, i.case.name, i.batch, i.modes) for i in quick if i.op.name.startswith("inverted_residual")}
+    assert got == {("inverted_residual", "quick.mbv2.s2.1", 8, ("fwd",)),
+                   ("inverted_residual", "quick.effb0.s4.1", 8, ("fwd",)),
+                   ("inverted_residual_train", "quick.mbv2.s3.1", 8, ("fwd_bwd",))}
+    sweep = cli.plan(cli.build_parser().parse_args(["inverted_residual", "inverted_residual_train", "--sweep"]),
+                     [cli.OPS_BY_NAME["inverted_residual"], cli.OPS_BY_NAME["inverted_residual_train"]], "cpu",
+                     quick=False)
+    names = {i.case.name for i in sweep}
+    assert {"mbv2.s1.0", "mbv2.s2.0", "mbv2.s2.1", "mbv2.s7.0", "effb0.s5.1", "effv2s.s2.0"} <= names
+    assert not any(n.startswith(("quick.", "tiny.")) for n in names)
+    assert {i.batch for i in sweep} == {1, 8, 64}
+    assert len(sweep) == 2 * 3 * len(names)
