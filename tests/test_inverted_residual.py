@@ -590,14 +590,14 @@ def _good():
     (dict(wd=torch.randn(8, 1, 3, 3)), r"w_dw must be a 3-D tensor \[E, kh, kw\]"),
     (dict(w3=torch.randn(4, 7)), r"w_project must have shape \[Cout, E\]"),
     (dict(b3=torch.randn(5)), r"b_project must have shape \[4\]"),
-    (dict(wd=torch.randn(8, 9, 9)), "larger than the padded input"),
+    (dict(wd=torch.randn(8, 9, 9), padding=0), "larger than the padded input"),
     (dict(w1=torch.randn(8, 4, dtype=torch.float64)), "dtypes must match"),
 ])
 def test_inverted_residual_rejects_bad_arguments_with_clear_errors(change, match):
     args = {**_good(), **change}
     with pytest.raises((ValueError, TypeError), match=match):
         inverted_residual(args["x"], args["w1"], args["b1"], args["wd"], args["bd"], args["w3"], args["b3"],
-                          padding=0 if "9, 9" in match else None)
+                          padding=args.get("padding"))
 
 
 def test_inverted_residual_rejects_residual_when_shapes_change_and_unknown_activation():
@@ -617,7 +617,7 @@ def test_blocks_reject_mismatched_modules_and_modes():
     with pytest.raises(ValueError, match="conv_expand takes 8 channels but x has 4"):
         inverted_residual_block(torch.randn(1, 4, 5, 5), c[0][0], c[0][1], c[1][0], c[1][1], c[2], c[3],
                                 activation="relu6", residual=False)
-    with pytest.raises(ValueError, match="bn_dw has 48 features"):
+    with pytest.raises(ValueError, match="bn_dw has 8 features but its conv gives 48 channels"):
         inverted_residual_block(x, c[0][0], c[0][1], c[1][0], c[3], c[2], c[3], activation="relu6", residual=False)
     with pytest.raises(ValueError, match="mode must be 'recompute' or 'mobiletl'"):
         inverted_residual_block(x, c[0][0], c[0][1], c[1][0], c[1][1], c[2], c[3], activation="relu6",
