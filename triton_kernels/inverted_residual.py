@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from . import CompileConfig
-from .depthwise_conv2d import _launch, _memory_format, _output_size, _unpack
+from .depthwise_conv2d import _launch, _memory_format, _output_size, _signature, _unpack
+from .mqa import _ALIGNED
 
 _INT32_MAX = 2**31 - 1
 _INTERPRETER_SM_COUNT = 8  # "device size" the dw_sums split assumes under the interpreter
@@ -525,19 +526,6 @@ def fused_mbconv_forward(x, w_expand, b_expand, w_project, b_project, stride, pa
 # Every specialization the launch functions can produce, for compile_check.
 # ----------------------------------------------------------------------------------------------
 
-_ALIGNED = [["tt.divisibility", 16]]
-
-
-def _signature(kernel, pointer_dtypes, constexprs) -> dict:
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_dtypes:
-            signature[name] = "*" + pointer_dtypes[name]
-        else:
-            signature[name] = "i32"
-    return signature
 
 
 def COMPILE_CONFIGS() -> List[CompileConfig]:
