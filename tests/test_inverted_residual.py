@@ -393,7 +393,6 @@ def test_training_block_recomputes_in_sample_chunks_with_the_same_gradients(monk
 def _saved_bytes(fn, x):
     """Bytes of the distinct storages autograd saves for backward while running fn(x), parameters excluded."""
     storages = {}
-    params = set()
 
     def pack(t):
         if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
@@ -403,7 +402,6 @@ def _saved_bytes(fn, x):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(x)
-    del params
     return sum(storages.values()), out
 
 
@@ -546,6 +544,36 @@ def test_fused_mbconv_op_passes_opcheck(backend, device):
     w1, w3 = _randn((8, 4, 3, 3), g, device, torch.float32), _randn((4, 8), g, device, torch.float32)
     run_opcheck(getattr(torch.ops.fusekit, f"fused_mbconv_forward{suffix}").default,
                 (x, w1, None, w3, None, [1, 1], [1, 1, 1, 1], [1, 1], 3, True))
+
+
+def _training_op_args(mobiletl: bool):
+    """(present tensors, which are present, spec, need) of a training-mode SE block's custom op."""
+    block = _EagerBlock(6, 6, 1, 4, 3, "silu", True)
+    c = block.conv
+    x = torch.randn(2, 6, 7, 7, requires_grad=True)
+    captured = {}
+    real = ir._run_block
+
+    def capture(spec, mobile=False, **given):
+        tensors = [given.get(name) for name in ir._TENSORS]
+        captured["args"] = (*ir._pack(tensors), ir._spec_text(spec),
+                            [t is not None and t.requires_grad for t in tensors])
+        return real(spec, mobile, **given)
+    ir._run_block = capture
+    try:
+        inverted_residual_block(x, c[0][0], c[0][1], c[1][0], c[1][1], c[3], c[4], activation="silu",
+                                se=SqueezeExcite(c[2].fc1, c[2].fc2), residual=True,
+                                mode="mobiletl" if mobiletl else "recompute", backend="reference")
+    finally:
+        ir._run_block = real
+    return captured["args"]
+
+
+@pytest.mark.parametrize("mobiletl", [False, True], ids=["recompute", "mobiletl"])
+def test_training_block_custom_ops_pass_opcheck(mobiletl):
+    op = torch.ops.fusekit.inverted_residual_block_mobiletl if mobiletl else \
+        torch.ops.fusekit.inverted_residual_block_train
+    run_opcheck(op.default, _training_op_args(mobiletl))
 
 
 def test_inverted_residual_compiles_fullgraph_with_gradients():

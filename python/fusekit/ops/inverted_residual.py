@@ -37,6 +37,7 @@ from . import schemas  # noqa: F401  (defines the op schemas before fusekit._C r
 from ..backends import OpBackends, register_op
 from .common import (autocast_inputs, check_same_device_dtype, compiled_reasons, cuda_device_reason, kernel_reasons,
                      machine_reason, no_reasons, require_triton_device, triton_reasons)
+from .depthwise import _pair, out_memory_format, output_size, resolve_padding
 
 _ops = torch.ops.fusekit
 
@@ -54,20 +55,6 @@ RECOMPUTE_CHUNK_ELEMENTS = 1 << 23
 # ----------------------------------------------------------------------------------------------
 # argument rules
 # ----------------------------------------------------------------------------------------------
-
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    try:
-        out = tuple(int(v) for v in value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(out) != 2:
-        raise ValueError(f"{name} must have 2 values, got {value!r}")
-    return out  # type: ignore[return-value]
-
 
 def activation_code(activation: str) -> int:
     if activation not in _ACT_CODE:
@@ -107,9 +94,8 @@ def _resolve_padding(padding, kernel_hw, stride, dilation, in_hw) -> tuple[int, 
 
 
 def _out_hw(in_hw, kernel_hw, stride, padding, dilation) -> tuple[int, int]:
-    ho = (in_hw[0] + padding[0] + padding[1] - dilation[0] * (kernel_hw[0] - 1) - 1) // stride[0] + 1
-    wo = (in_hw[1] + padding[2] + padding[3] - dilation[1] * (kernel_hw[1] - 1) - 1) // stride[1] + 1
-    return ho, wo
+    return (output_size(in_hw[0], kernel_hw[0], stride[0], dilation[0], padding[0], padding[1]),
+            output_size(in_hw[1], kernel_hw[1], stride[1], dilation[1], padding[2], padding[3]))
 
 
 def _shape(t) -> tuple:
@@ -198,12 +184,6 @@ def check_fused_mbconv_args(x, w_expand, b_expand, w_project, b_project, stride,
     out_hw = _check_conv_geometry(x, w_expand.shape[2:], stride, padding, dilation)
     _check_residual(residual, x, cout, out_hw)
     return out_hw
-
-
-def out_memory_format(x: torch.Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _sums_dtype(x: torch.Tensor) -> torch.dtype:
@@ -780,18 +760,10 @@ def _conv_geometry(conv, x_hw, tf_same: bool):
     if tf_same:
         return stride, tf_same_padding(x_hw, kernel, stride, dilation), dilation
     if isinstance(conv.padding, str):  # nn.Conv2d's "same" (stride 1) and "valid"
-        pads = _same_padding(kernel, dilation) if conv.padding == "same" else (0, 0, 0, 0)
+        pads = resolve_padding(conv.padding, kernel, stride, dilation)
         return stride, pads, dilation
     ph, pw = conv.padding
     return stride, (ph, ph, pw, pw), dilation
-
-
-def _same_padding(kernel, dilation):
-    out = []
-    for k, d in zip(kernel, dilation):
-        total = d * (k - 1)
-        out += [total // 2, total - total // 2]
-    return tuple(out)
 
 
 def _cast(t, dtype):
