@@ -4,6 +4,7 @@ with the same structure and names (eval and training: outputs, gradients, runnin
 whole MobileNetV2 converted in place, MobileTL mode, and the argument errors."""
 import copy
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ import torch.nn.functional as F
 
 from fusekit.nn.inverted_residual import (FusedMBConv, InvertedResidual, MBConv, _make_divisible,
                                           fuse_inverted_residuals)
+from fusekit.models.mobilenet import Conv2dNormActivation
+from fusekit.models.mobilenet import InvertedResidual as TvInvertedResidual
+from fusekit.models.mobilenet import MobileNetV2 as TvMobileNetV2
 from fusekit.testing.checks import assert_close_to_twin
 
 ACT = {"relu6": lambda: nn.ReLU6(inplace=True), "silu": lambda: nn.SiLU(inplace=True),
@@ -22,11 +26,9 @@ ACT = {"relu6": lambda: nn.ReLU6(inplace=True), "silu": lambda: nn.SiLU(inplace=
 # eager twins: torchvision's and timm's blocks as plain torch.nn, with their structure and names
 # ----------------------------------------------------------------------------------------------
 
-def tv_conv_norm_act(cin, cout, k=3, stride=1, groups=1, norm_layer=nn.BatchNorm2d, act="relu6"):
-    layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), norm_layer(cout)]
-    if act is not None:
-        layers.append(ACT[act]())
-    return nn.Sequential(*layers)
+# torchvision's conv-BN-SiLU and conv-BN (MBConv / FusedMBConv stages)
+silu_cna = partial(Conv2dNormActivation, activation_layer=nn.SiLU)
+plain_cna = partial(Conv2dNormActivation, activation_layer=None)
 
 
 class TvStochasticDepth(nn.Module):
@@ -39,22 +41,6 @@ class TvStochasticDepth(nn.Module):
             return x
         noise = torch.empty([x.shape[0], 1, 1, 1], dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
         return x * noise.div_(1 - self.p)
-
-
-class TvInvertedResidual(nn.Module):
-    def __init__(self, inp, oup, stride, expand_ratio, norm_layer=nn.BatchNorm2d):
-        super().__init__()
-        hidden = int(round(inp * expand_ratio))
-        self.use_res_connect = stride == 1 and inp == oup
-        layers = [tv_conv_norm_act(inp, hidden, 1, norm_layer=norm_layer)] if expand_ratio != 1 else []
-        layers += [tv_conv_norm_act(hidden, hidden, 3, stride, hidden, norm_layer),
-                   nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), norm_layer(oup)]
-        self.conv = nn.Sequential(*layers)
-        self.out_channels = oup
-        self._is_cn = stride > 1
-
-    def forward(self, x):
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
 class TvSqueezeExcitation(nn.Module):
@@ -73,10 +59,10 @@ class TvMBConv(nn.Module):
         super().__init__()
         self.use_res_connect = stride == 1 and cin == cout
         hidden = _make_divisible(cin * t, 8)
-        layers = [tv_conv_norm_act(cin, hidden, 1, norm_layer=norm_layer, act="silu")] if hidden != cin else []
-        layers += [tv_conv_norm_act(hidden, hidden, k, stride, hidden, norm_layer, "silu"),
+        layers = [silu_cna(cin, hidden, 1, norm_layer=norm_layer)] if hidden != cin else []
+        layers += [silu_cna(hidden, hidden, k, stride, groups=hidden, norm_layer=norm_layer),
                    TvSqueezeExcitation(hidden, max(1, cin // 4)),
-                   tv_conv_norm_act(hidden, cout, 1, norm_layer=norm_layer, act=None)]
+                   plain_cna(hidden, cout, 1, norm_layer=norm_layer)]
         self.block = nn.Sequential(*layers)
         self.stochastic_depth = TvStochasticDepth(sd_prob)
         self.out_channels = cout
@@ -95,10 +81,10 @@ class TvFusedMBConv(TvMBConv):
         self.use_res_connect = stride == 1 and cin == cout
         hidden = _make_divisible(cin * t, 8)
         if hidden != cin:
-            layers = [tv_conv_norm_act(cin, hidden, k, stride, norm_layer=norm_layer, act="silu"),
-                      tv_conv_norm_act(hidden, cout, 1, norm_layer=norm_layer, act=None)]
+            layers = [silu_cna(cin, hidden, k, stride, norm_layer=norm_layer),
+                      plain_cna(hidden, cout, 1, norm_layer=norm_layer)]
         else:
-            layers = [tv_conv_norm_act(cin, cout, k, stride, norm_layer=norm_layer, act="silu")]
+            layers = [silu_cna(cin, cout, k, stride, norm_layer=norm_layer)]
         self.block = nn.Sequential(*layers)
         self.stochastic_depth = TvStochasticDepth(sd_prob)
         self.out_channels = cout
@@ -224,29 +210,6 @@ class TimmConvBnAct(nn.Module):
     def forward(self, x):
         y = self.bn1(self.conv(x))
         return self.drop_path(y) + x if self.has_skip else y
-
-
-class TvMobileNetV2(nn.Module):
-    """torchvision's MobileNetV2 structure (features.0 stem, features.1..17 blocks, features.18 head)."""
-
-    def __init__(self, width_mult=0.25, num_classes=10):
-        super().__init__()
-        config = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
-                  (6, 320, 1, 1)]
-        cin = _make_divisible(32 * width_mult)
-        last = _make_divisible(1280 * max(1.0, width_mult))
-        features = [tv_conv_norm_act(3, cin, 3, 2)]
-        for t, c, n, s in config:
-            cout = _make_divisible(c * width_mult)
-            for i in range(n):
-                features.append(TvInvertedResidual(cin, cout, s if i == 0 else 1, t))
-                cin = cout
-        features.append(tv_conv_norm_act(cin, last, 1))
-        self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
-
-    def forward(self, x):
-        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +423,7 @@ def test_stochastic_depth_drops_rows_like_the_twin_in_training_only(layout):
 @pytest.mark.parametrize("train", (False, True), ids=("eval", "train"))
 def test_converted_mobilenet_v2_matches_eager_model(train):
     torch.manual_seed(0)
-    eager = _randomize(TvMobileNetV2(0.25))
+    eager = _randomize(TvMobileNetV2(num_classes=10, width_mult=0.25))
     fused_model = copy.deepcopy(eager)
     params_before = {n: p for n, p in fused_model.named_parameters()}
     returned = fuse_inverted_residuals(fused_model)

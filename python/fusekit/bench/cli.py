@@ -3,6 +3,7 @@
 Every provider (each fusekit backend and each PyTorch baseline, in each memory layout) is checked
 against a float64 reference before it is timed; a provider that fails is reported and not timed.
 With no arguments: the quick suite (about a minute) on the best device present.
+``fusekit-bench model ...`` benchmarks whole reference models instead (fusekit.bench.model).
 """
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark fusekit kernels against PyTorch baselines measured in the same run. "
                     "Correctness against a float64 reference is checked before anything is timed. "
                     "Without arguments: --quick on CUDA if available, else on the CPU.",
-        epilog="Exit status: 0 when every fusekit row that ran was correct, 1 when one FAILED or raised, "
+        epilog="Whole models: fusekit-bench model --arch ARCH ... (fusekit.models against their eager twins and "
+               "torch.compile; see fusekit-bench model --help). "
+               "Exit status: 0 when every fusekit row that ran was correct, 1 when one FAILED or raised, "
                "2 on a usage error.")
     p.add_argument("ops", nargs="*", metavar="op", help=f"operators to run (default: all): {', '.join(OPS_BY_NAME)}")
     p.add_argument("--case", nargs="+", metavar="NAME",
@@ -212,6 +215,9 @@ class Progress:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["model"]:
+        from . import model
+        return model.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     unknown = [o for o in args.ops if o not in OPS_BY_NAME]

@@ -135,6 +135,26 @@ def _has_hooks(module: nn.Module) -> bool:
         "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
+def _check_min_kernel_size(min_kernel_size: int) -> None:
+    if isinstance(min_kernel_size, bool) or not isinstance(min_kernel_size, int) or min_kernel_size < 1:
+        raise ValueError(f"min_kernel_size must be a positive int, got {min_kernel_size!r}")
+
+
+def _conversion_problem(conv: nn.Conv2d | nn.Conv1d, min_kernel_size: int) -> str | None:
+    """Why the converters leave the nn.Conv2d / nn.Conv1d ``conv`` unchanged, or None when it is eligible."""
+    plain = nn.Conv2d if isinstance(conv, nn.Conv2d) else nn.Conv1d
+    problem = _not_depthwise_reason(conv, plain)
+    if problem is not None:
+        return problem[1]
+    if _has_hooks(conv):
+        return "it has hooks (the replacement would not run them)"
+    if type(conv) is not plain:  # a subclass may change behaviour outside forward; only the exact class is known
+        return f"{type(conv).__name__} is a subclass of nn.{plain.__name__}, not nn.{plain.__name__} itself"
+    if max(conv.kernel_size) < min_kernel_size:
+        return f"kernel_size {tuple(conv.kernel_size)} is below min_kernel_size={min_kernel_size}"
+    return None
+
+
 def convert_depthwise(model: nn.Module, min_kernel_size: int = 1, backend: str | None = None) -> list[str]:
     """Swap, in place, every eligible depthwise nn.Conv2d / nn.Conv1d of ``model`` for fusekit's.
 
@@ -144,14 +164,11 @@ def convert_depthwise(model: nn.Module, min_kernel_size: int = 1, backend: str |
     not change. A conv reachable under several names is replaced by one module everywhere.
     Returns the names (as in ``named_modules``) of the replaced modules.
     """
-    if isinstance(min_kernel_size, bool) or not isinstance(min_kernel_size, int) or min_kernel_size < 1:
-        raise ValueError(f"min_kernel_size must be a positive int, got {min_kernel_size!r}")
+    _check_min_kernel_size(min_kernel_size)
     backend = _check_backend(backend)
 
     def eligible(module: nn.Module) -> bool:
-        plain = type(module)
-        return (plain in _FUSEKIT_CLASS_FOR and _not_depthwise_reason(module, plain) is None
-                and not _has_hooks(module) and max(module.kernel_size) >= min_kernel_size)
+        return isinstance(module, (nn.Conv2d, nn.Conv1d)) and _conversion_problem(module, min_kernel_size) is None
 
     if eligible(model):
         raise ValueError("convert_depthwise swaps submodules in place; the model itself is a depthwise "

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..ops.inverted_residual import ACTIVATIONS, fused_mbconv_block, inverted_residual_block
 from ..ops.inverted_residual import SqueezeExcite as SqueezeExciteSpec
-from .depthwise import _check_backend, _has_hooks
+from .depthwise import DepthwiseConv2d, _check_backend, _has_hooks
 
 __all__ = ["FusedMBConv", "InvertedResidual", "MBConv", "fuse_inverted_residuals"]
 
@@ -613,7 +613,7 @@ def _conv(module, what: str, *, kernel1: bool = False, depthwise: bool = False, 
             raise _Unsupported(f"{what}: needs an odd kernel and stride 1 or 2, got kernel {module.kernel_size}, "
                                f"stride {module.stride}")
     plain = type(module).forward is nn.Conv2d.forward and type(module)._conv_forward is nn.Conv2d._conv_forward
-    if plain:
+    if plain or isinstance(module, DepthwiseConv2d):  # fusekit's depthwise conv computes nn.Conv2d's result
         if module.padding_mode != "zeros":
             raise _Unsupported(f"{what}: padding_mode {module.padding_mode!r}; needs zero padding")
         if kernel1 and module.padding not in ((0, 0), "same", "valid"):
@@ -899,8 +899,9 @@ def fuse_inverted_residuals(model: nn.Module, *, mode: str = "recompute", backen
                 continue
             if spec is None:
                 continue
-            if _has_hooks(module):
-                skipped[name] = "the block has hooks"
+            hooked = [sub or "the block" for sub, m in module.named_modules() if _has_hooks(m)]
+            if hooked:
+                skipped[name] = f"hooks on {', '.join(hooked)} would not run inside the fused kernel"
                 continue
             new = replacement[id(module)] = _wrap(module, spec, mode, backend)
         if name:

@@ -9,7 +9,8 @@ for all the query heads that share it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from functools import partial
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,17 +49,13 @@ class LayerCache:
     seqlens: torch.Tensor
 
 
-class MultiQueryAttention(nn.Module):
-    """Self-attention with ``num_heads`` query heads sharing ``num_kv_heads`` K/V heads.
-
-    x: [B, L, embed_dim] -> [B, L, embed_dim]. Without a cache, attention over the L tokens
-    (causal by default, optional sliding window (left, right)). With ``cache`` (a LayerCache),
-    the L new tokens' K/V are appended to it and the queries attend over everything cached.
-    """
+class GroupedAttentionBase(nn.Module):
+    """Constructor, attributes and q/k/v/o projections shared by MultiQueryAttention and its eager
+    twin (fusekit.models.gqa.GroupedQueryAttention), so both have the same parameters."""
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int = 1, bias: bool = False,
                  causal: bool = True, window: Optional[Sequence[Optional[int]]] = None, head_dim: int | None = None,
-                 scale: float | None = None, backend: str | None = None, device=None, dtype=None):
+                 scale: float | None = None, device=None, dtype=None):
         super().__init__()
         if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
@@ -69,17 +66,41 @@ class MultiQueryAttention(nn.Module):
             head_dim = embed_dim // num_heads
         kw = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim = embed_dim, num_heads, num_kv_heads, head_dim
-        self.causal, self.window, self.scale, self.backend = causal, window, scale, backend
+        self.causal, self.window, self.scale = causal, window, scale
         self.q_proj = nn.Linear(embed_dim, num_heads * head_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, bias=bias, **kw)
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, bias=bias, **kw)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, embed_dim] -> q [B, L, Hq, D], k and v [B, L, Hkv, D] (views)."""
+        b, length, _ = x.shape
+        return (self.q_proj(x).view(b, length, self.num_heads, self.head_dim),
+                self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim),
+                self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, causal={self.causal}, window={self.window}")
+
+
+class MultiQueryAttention(GroupedAttentionBase):
+    """Self-attention with ``num_heads`` query heads sharing ``num_kv_heads`` K/V heads.
+
+    x: [B, L, embed_dim] -> [B, L, embed_dim]. Without a cache, attention over the L tokens
+    (causal by default, optional sliding window (left, right)). With ``cache`` (a LayerCache),
+    the L new tokens' K/V are appended to it and the queries attend over everything cached.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int = 1, bias: bool = False,
+                 causal: bool = True, window: Optional[Sequence[Optional[int]]] = None, head_dim: int | None = None,
+                 scale: float | None = None, backend: str | None = None, device=None, dtype=None):
+        super().__init__(embed_dim, num_heads, num_kv_heads, bias, causal, window, head_dim, scale, device, dtype)
+        self.backend = backend
+
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
         if cache is None:
             out = multi_query_attention(q, k, v, causal=self.causal, window=self.window, scale=self.scale,
                                         backend=self.backend)
@@ -90,16 +111,14 @@ class MultiQueryAttention(nn.Module):
                                      scale=self.scale, window=self.window, backend=self.backend).to(x.dtype)
         return self.o_proj(out.reshape(b, length, self.num_heads * self.head_dim))
 
-    def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, causal={self.causal}, window={self.window}")
 
 
 class _DecoderBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_ratio: int, window, backend):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, mlp_ratio: int, window,
+                 attention_layer: Callable[..., nn.Module]):
         super().__init__()
         self.attn_norm = nn.RMSNorm(dim)
-        self.attn = MultiQueryAttention(dim, num_heads, num_kv_heads, window=window, backend=backend)
+        self.attn = attention_layer(dim, num_heads, num_kv_heads, window=window)
         self.mlp_norm = nn.RMSNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
@@ -111,16 +130,24 @@ class _DecoderBlock(nn.Module):
 class GQADecoder(nn.Module):
     """A small decoder-only language model with grouped-query attention (learned positions,
     pre-norm blocks). It exists to show, and test, that cached generation with
-    fusekit.multi_query_decode reproduces the no-cache forward pass."""
+    fusekit.multi_query_decode reproduces the no-cache forward pass.
+
+    ``attention_layer(dim, num_heads, num_kv_heads, window=window)`` builds each block's attention
+    (default: MultiQueryAttention on ``backend``); any layer with MultiQueryAttention's projections,
+    ``num_kv_heads``/``head_dim`` attributes and ``forward(x, cache: LayerCache | None)`` fits,
+    such as an eager twin with the same state-dict keys."""
 
     def __init__(self, vocab_size: int = 256, dim: int = 128, depth: int = 2, num_heads: int = 8,
                  num_kv_heads: int = 2, max_len: int = 512, mlp_ratio: int = 4,
-                 window: Optional[Sequence[Optional[int]]] = None, backend: str | None = None):
+                 window: Optional[Sequence[Optional[int]]] = None, backend: str | None = None,
+                 attention_layer: Callable[..., nn.Module] | None = None):
         super().__init__()
+        if attention_layer is None:
+            attention_layer = partial(MultiQueryAttention, backend=backend)
         self.max_len = max_len
         self.tok = nn.Embedding(vocab_size, dim)
         self.pos = nn.Embedding(max_len, dim)
-        self.blocks = nn.ModuleList(_DecoderBlock(dim, num_heads, num_kv_heads, mlp_ratio, window, backend)
+        self.blocks = nn.ModuleList(_DecoderBlock(dim, num_heads, num_kv_heads, mlp_ratio, window, attention_layer)
                                     for _ in range(depth))
         self.norm = nn.RMSNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
