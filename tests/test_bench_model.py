@@ -22,8 +22,9 @@ ARCHS = ("dinat_t", "convnext_t", "replknet_31b", "inceptionnext_t", "mobilenet_
 def all_archs(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_model")
     paths = {k: str(out / f"rows.{k}") for k in ("json", "csv", "markdown")}
-    argv = ["--arch", *ARCHS, "--batch", "2", "--impl", "fusekit", "eager", "--json", paths["json"],
-            "--csv", paths["csv"], "--markdown", paths["markdown"]] + FAST
+    # default modes: infer train, and decode for the language model
+    argv = ["--arch", *ARCHS, "--batch", "2", "--impl", "fusekit", "eager", "--decode-tokens", "4",
+            "--json", paths["json"], "--csv", paths["csv"], "--markdown", paths["markdown"]] + FAST
     status = bench_model.main(argv)
     with open(paths["json"]) as f:
         rows = json.load(f)
@@ -42,9 +43,12 @@ def test_every_registered_arch_is_benchmarked():
 def test_rows_are_checked_then_timed(all_archs, arch):
     status, rows, _, _ = all_archs
     assert status == 0
-    mine = {(r["mode"], r["impl"]): r for r in rows if r["arch"] == arch}
-    assert set(mine) == {(m, i) for m in ("infer", "train") for i in ("fusekit", "eager")}
     image = models.ARCHS[arch].kind == "image"
+    modes = ("infer", "train") if image else ("infer", "train", "decode")
+    assert {(r["mode"], r["impl"]) for r in rows if r["arch"] == arch} == {(m, i) for m in modes
+                                                                            for i in ("fusekit", "eager")}
+    # the decode rows are checked by test_decode_rows_are_checked_then_timed
+    mine = {(r["mode"], r["impl"]): r for r in rows if r["arch"] == arch and r["mode"] != "decode"}
     for (mode, impl), r in mine.items():
         assert r["correct"] is True, r
         assert r["batch"] == 2 and r["dtype"] == "fp32" and r["size"] == "test"
@@ -80,9 +84,54 @@ def test_rows_are_checked_then_timed(all_archs, arch):
 
 def test_csv_and_markdown_hold_every_row(all_archs):
     _, rows, csv_rows, markdown = all_archs
-    assert len(rows) == len(csv_rows) == 4 * len(ARCHS)
+    assert len(rows) == len(csv_rows) == 4 * len(ARCHS) + 2   # + decode fusekit / eager for gqa_decoder
     assert "fusekit-bench model on" in markdown and "| arch | batch |" in markdown
     assert markdown.count("| ok |") == len(rows)
+
+
+DECODE = ["--arch", "gqa_decoder", "--batch", "2", "--mode", "decode", "--decode-tokens", "4",
+          "--impl", "fusekit", "eager"] + FAST
+
+
+def test_decode_rows_are_checked_then_timed(tmp_path):
+    path = tmp_path / "rows.json"
+    assert bench_model.main(DECODE + ["--json", str(path)]) == 0
+    rows = {r["impl"]: r for r in json.loads(path.read_text())}
+    assert set(rows) == {"fusekit", "eager"} and all(r["mode"] == "decode" for r in rows.values())
+    for impl, r in rows.items():
+        assert r["correct"] is True and r["decode_tokens"] == 4 and r["check_batch"] == 2, r
+        assert r["tokens_equal_fp64"] is True and r["logits_err_vs_fp64"] <= r["bound_fwd"]
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["throughput_unit"] == "tokens/s" and r["throughput"] > 0
+        assert r["throughput"] == pytest.approx(2 * 4 / (r["median_ms"] * 1e-3))   # generated tokens only
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_step"] == pytest.approx((r["median_ms"] - r["prefill_ms"]) / 3)
+        assert r["peak_mem_bytes"] is not None and r["saved_bytes"] is None
+    assert rows["fusekit"]["tokens_equal_eager"] is True and rows["fusekit"]["logits_err_vs_eager"] is not None
+
+
+def test_broken_fusekit_decode_is_reported_failed(tmp_path, monkeypatch, capsys):
+    import fusekit.nn.mqa as mqa
+    plain_decode = mqa.multi_query_decode
+
+    def noisy(*args, **kwargs):
+        out = plain_decode(*args, **kwargs)
+        return out + 0.5 * out.abs().max() * torch.randn_like(out)
+
+    monkeypatch.setattr(mqa, "multi_query_decode", noisy)
+    path = tmp_path / "rows.json"
+    assert bench_model.main(DECODE + ["--json", str(path)]) == 1
+    rows = {r["impl"]: r for r in json.loads(path.read_text())}
+    bad, eager = rows["fusekit"], rows["eager"]
+    assert not bad["correct"] and bad["note"].startswith("FAILED"), bad
+    assert bad["median_ms"] is None and bad["throughput"] is None and bad["peak_mem_bytes"] is None
+    assert eager["correct"] and eager["median_ms"] > 0
+    assert "1 fusekit rows failed" in capsys.readouterr().out
+
+
+def test_decode_is_skipped_with_a_note_for_image_models(capsys):
+    assert bench_model.main(["--arch", "convnext_t", "--mode", "decode"] + FAST) == 0
+    out = capsys.readouterr().out
+    assert "decode applies to language models only; not run for convnext_t" in out and "0 rows" in out
 
 
 @pytest.fixture

@@ -302,6 +302,7 @@ class TimerSettings:
     warmup_ms: float = 25.0           # GPU: do_bench warmup budget
     rep_ms: float = 100.0             # GPU: do_bench / do_bench_cudagraph repetition budget
     timer: str = "auto"               # GPU: auto | do_bench | cuda_graph
+    slow_calls: int = 1               # CPU: calls timed, one by one, when a warm call takes over SLOW_CALL_S
 
 
 def time_call(run: Callable[[], Any], ts: TimerSettings, first_call_s: float | None = None) -> Timing:
@@ -314,13 +315,16 @@ def time_call(run: Callable[[], Any], ts: TimerSettings, first_call_s: float | N
 def _time_cpu(run, ts: TimerSettings, first_call_s: float | None) -> Timing:
     from torch.utils.benchmark import Timer
     if first_call_s is not None and first_call_s > SLOW_CALL_S:
-        # blocked_autorange would spend a second warm-up call on it: one timed call after the
-        # correctness call is the least that measures a warm call of PyTorch's multi-second paths
+        # blocked_autorange would spend a second warm-up call on it: timing calls one by one after
+        # the correctness call is the least that measures a warm call of PyTorch's multi-second paths
+        times = []
         with _num_threads(ts.threads):
-            start = time.perf_counter()
-            run()
-            ms = (time.perf_counter() - start) * 1e3
-        return Timing(ms, ms, ms, 1, "single call")
+            for _ in range(max(1, ts.slow_calls)):
+                start = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - start) * 1e3)
+        med, p20, p80 = quantiles(times, QUANTILES)
+        return Timing(med, p20, p80, len(times), "single call" if len(times) == 1 else f"{len(times)} single calls")
     # blocked_autorange: one estimate/warm-up pass, then blocks of `number` calls until
     # min_run_time has passed; a call slower than min_run_time is measured once.
     m = Timer(stmt="run()", globals={"run": run}, num_threads=ts.threads).blocked_autorange(

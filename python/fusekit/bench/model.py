@@ -12,6 +12,10 @@ and is not timed:
   relative error max|out - ref| / max|ref| (see MODEL_BOUND_FACTOR).
 - train: the loss (|loss - ref| / |ref|) and the gradients of every parameter (||g - g_ref|| / ||g_ref||,
   L2 over all parameters together) after one backward, against the same two references.
+- decode (language models only): greedy ``model.generate(prompt, G, use_cache=True)`` on the batch's tokens;
+  the generated tokens must equal the eager twin's exactly (same dtype), and the eager twin's must equal the
+  float64 generation's (where they do not, that is noted and the others are compared with eager only). The
+  logits the last token was chosen from (captured by a hook on the model's head) are compared like infer's.
 The eager twin fails only on non-finite results (it is what PyTorch computes); see MODEL_BOUND_FACTOR for
 the bounds the others are held to.
 The float64 reference runs on the first CHECK_BATCH samples of the batch at most (see there).
@@ -21,7 +25,10 @@ Timed (fusekit.bench.harness.time_call: blocked_autorange on the CPU, triton do_
 - train: one training step: zero_grad(set_to_none=True), forward in train mode, loss, backward and a
   torch.optim.SGD step with lr = 0 (the step's cost is paid, the weights stay exactly as they were, so
   repeated steps cannot drift). Infer always runs before train: training steps move BatchNorm running
-  statistics, which eval mode reads.
+  statistics, which eval mode reads;
+- decode: the whole generate call (prefill + G - 1 cached steps); throughput = B * G generated tokens / median.
+  One more timed call, generate(prompt, 1), splits it: prefill = its median, per decode step =
+  (median(G) - median(1)) / (G - 1). torch.compile is not run for decode.
 Rows report throughput (images/s, or tokens/s for language models), median and p20/p80 ms, speedups
 against eager and compile, the peak memory of one call (see peak_memory) and, for train, the activation
 memory autograd saves for backward (eager and fusekit; torch.compile's saved tensors live inside its
@@ -50,7 +57,10 @@ from . import harness, report
 from .inverted_residual import saved_for_backward
 
 IMPLS = ("fusekit", "eager", "compile")   # row order within a group
-MODES = ("infer", "train")                # run order: infer first (training steps move BN running stats)
+MODES = ("infer", "train", "decode")      # run order: infer first (training steps move BN running stats)
+LM_ONLY_MODES = ("decode",)               # KV-cache generation: language models (ArchSpec.kind == "lm") only
+DEFAULT_DECODE_TOKENS = 32
+COMPILE_DECODE_NOTE = "not run: torch.compile of cached generation is not benchmarked"
 DEFAULT_DTYPES = {"cpu": ["fp32"], "cuda": ["fp32", "bf16"]}
 # The float64 reference runs on at most this many samples (the first ones of the batch): DiNAT's eager
 # masked dense attention in float64 at batch 64 would need tens of GB. In eval mode samples are independent,
@@ -236,6 +246,13 @@ class Settings:
     channels_last: bool | None            # None: on for image models
     timer: harness.TimerSettings
     seed: int
+    decode_tokens: int = DEFAULT_DECODE_TOKENS
+
+
+def arch_modes(arch: str, modes: Sequence[str]) -> list[str]:
+    """The requested modes that apply to ``arch`` (decode to language models only)."""
+    lm = models.ARCHS[arch].kind == "lm"
+    return [m for m in modes if lm or m not in LM_ONLY_MODES]
 
 
 @dataclass
@@ -285,6 +302,9 @@ def _row(arch: str, spec: models.ArchSpec, s: Settings, batch: int, dtype: str, 
         "throughput": None, "throughput_unit": "tokens/s" if spec.kind == "lm" else "images/s",
         "speedup_vs_eager": None, "speedup_vs_compile": None,
         "peak_mem_bytes": None, "saved_bytes": None, "saved_vs_eager": None,
+        # decode only: G, generated tokens equal to the references' (None: not compared), and the split timing
+        "decode_tokens": s.decode_tokens if mode == "decode" else None,
+        "tokens_equal_fp64": None, "tokens_equal_eager": None, "prefill_ms": None, "decode_ms_per_step": None,
     }
     for key, value in env.items():
         row["device_arch" if key == "arch" else key] = value
@@ -344,6 +364,45 @@ def _check_train(row: dict, p: Provider, arch: str, b: Batch, ref: tuple, eager:
     return loss, grads
 
 
+@dataclass
+class Generation:
+    tokens: torch.Tensor        # [B, L + G]: the prompt and the G generated tokens
+    last_logits: torch.Tensor   # [B, vocab]: the logits the last generated token was chosen from
+
+
+def _generate(module: nn.Module, prompt: torch.Tensor, new_tokens: int) -> Generation:
+    """``module.generate`` with the KV cache; the last step's logits are read by a hook on ``module.head``
+    (generate returns tokens only), so the checked call is the timed one."""
+    last: dict[str, torch.Tensor] = {}
+
+    def keep_last(_module, _args, out):
+        last["logits"] = out[:, -1].detach().clone()
+
+    hook = module.head.register_forward_hook(keep_last)
+    try:
+        module.eval()
+        tokens = module.generate(prompt, new_tokens, use_cache=True)
+    finally:
+        hook.remove()
+    return Generation(tokens, last["logits"])
+
+
+def _check_decode(row: dict, p: Provider, b: Batch, new_tokens: int, ref: Generation | None,
+                  eager: Generation | None) -> Generation:
+    """Sets the row's token matches and last-step logits errors (logits only where the tokens, hence the
+    contexts, are equal); ref None: not compared with float64."""
+    gen, row["first_call_s"] = _timed(lambda: _generate(p.module, b.x, new_tokens), b.x.device)
+    if eager is not None:
+        row["tokens_equal_eager"] = torch.equal(gen.tokens, eager.tokens)
+        if row["tokens_equal_eager"]:
+            row["logits_err_vs_eager"] = relative_error(gen.last_logits, eager.last_logits)
+    if ref is not None:
+        row["tokens_equal_fp64"] = torch.equal(gen.tokens[:b.check], ref.tokens.to(gen.tokens.device))
+        if row["tokens_equal_fp64"]:
+            row["logits_err_vs_fp64"] = relative_error(gen.last_logits[:b.check], ref.last_logits)
+    return gen
+
+
 def _passes(row: Mapping[str, Any], fwd: float, bwd: float) -> bool:
     """Every error of the row within the bounds (fwd for logits and loss, bwd for gradients; twice that
     against eager in the same dtype). NaN passes nothing."""
@@ -353,6 +412,9 @@ def _passes(row: Mapping[str, Any], fwd: float, bwd: float) -> bool:
 
 
 def _bound_text(bounds: tuple[float, float], mode: str) -> str:
+    if mode == "decode":
+        return (f"generated tokens equal to eager's (and float64's where eager's are); last-step logits "
+                f"{bounds[0]:.1e} from float64, 2x that from eager")
     if mode == "infer":
         return f"logits {bounds[0]:.1e} from float64, 2x that from eager"
     return f"loss {bounds[0]:.1e}, gradients {bounds[1]:.1e} from float64, 2x that from eager"
@@ -362,7 +424,7 @@ def _bounds_after_eager(dtype_bounds: tuple[float, float], eager: Mapping[str, A
     """The dtype's bounds, or twice the eager twin's own error against float64 where that is larger."""
     def relaxed(bound, err):
         return max(bound, 2 * err) if err is not None and math.isfinite(err) else bound
-    if mode == "infer":
+    if mode != "train":
         return relaxed(dtype_bounds[0], eager["logits_err_vs_fp64"]), dtype_bounds[1]
     return relaxed(dtype_bounds[0], eager["loss_err_vs_fp64"]), relaxed(dtype_bounds[1], eager["grad_err_vs_fp64"])
 
@@ -374,9 +436,10 @@ def run_item(arch: str, built: Built, batch: int, dtype_name: str, s: Settings, 
     layout = "channels_last" if channels_last else "contiguous"
     # the eager twin runs first (the others are compared with it), also when it is not a row of its own
     run_impls = ["eager"] + [i for i in IMPLS if i in s.impls and i != "eager"]
+    modes = arch_modes(arch, s.modes)
     rows = {(mode, impl): _row(arch, spec, s, batch, dtype_name, mode, impl, layout, env)
-            for mode in s.modes for impl in run_impls}
-    wanted = [rows[(mode, impl)] for mode in s.modes for impl in IMPLS if impl in s.impls]
+            for mode in modes for impl in run_impls}
+    wanted = [rows[(mode, impl)] for mode in modes for impl in IMPLS if impl in s.impls]
     if built.eager is None:
         for row in wanted:
             row["note"] = built.eager_error
@@ -403,18 +466,20 @@ def run_item(arch: str, built: Built, batch: int, dtype_name: str, s: Settings, 
                                                  dtype, channels_last)
             except Exception as exc:
                 note = _error_note(exc)
-        for mode in s.modes:
+        for mode in modes:
             rows[(mode, impl)]["note"] = note
     # the float64 reference: the eager twin with this dtype's rounded weights, run in float64
     reference = _prepare(built.eager, device, dtype, channels_last).double()
 
-    for mode in s.modes:
+    for mode in modes:
         group = {impl: rows[(mode, impl)] for impl in run_impls}
         try:
             if mode == "infer":
                 reference.eval()
                 with torch.no_grad():
                     ref = reference(b.x_ref)
+            elif mode == "decode":
+                ref = _generate(reference, b.x_ref, s.decode_tokens)
             else:
                 ref = _train_result(reference, reference, arch, b.x_ref, y[:check])
         except Exception as exc:
@@ -429,9 +494,14 @@ def run_item(arch: str, built: Built, batch: int, dtype_name: str, s: Settings, 
             if p is None:
                 continue
             row["check_batch"] = check
+            if mode == "decode" and impl == "compile":
+                row["note"] = COMPILE_DECODE_NOTE
+                continue
             try:
                 if mode == "infer":
                     result = _check_infer(row, p, b, ref, eager_result)
+                elif mode == "decode":
+                    result = _check_decode(row, p, b, s.decode_tokens, ref, eager_result)
                 else:
                     result = _check_train(row, p, arch, b, ref, eager_result)
                 if impl == "compile":
@@ -445,15 +515,23 @@ def run_item(arch: str, built: Built, batch: int, dtype_name: str, s: Settings, 
                 # cancel), the other providers are held to twice its error instead
                 row.update(bound_fwd=bounds[0], bound_bwd=bounds[1] if mode == "train" else None)
                 ok = _passes(row, math.inf, math.inf)
+                if mode == "decode":
+                    ok = ok and bool(torch.isfinite(result.last_logits).all())
                 if ok:
                     eager_result = result
-                    if not _passes(row, *bounds):
+                    if mode == "decode" and not row["tokens_equal_fp64"]:
+                        # what PyTorch computes in this dtype: the others are held to it alone
+                        row["note"] = ("the eager twin's generated tokens differ from float64's (first "
+                                       f"{check} sequences): the others are compared with eager only")
+                        ref = None
+                    elif not _passes(row, *bounds):
                         row["note"] = (f"the eager twin itself is beyond the {dtype_name} bound: "
                                        f"{_bound_text(bounds, mode)}")
                     bounds = _bounds_after_eager(bounds, row, mode)
             else:
                 row.update(bound_fwd=bounds[0], bound_bwd=bounds[1] if mode == "train" else None)
-                ok = _passes(row, *bounds)
+                ok = _passes(row, *bounds) and row["tokens_equal_eager"] is not False \
+                    and row["tokens_equal_fp64"] is not False
             del result
             if not ok:
                 row["note"] = (f"FAILED beyond the bound: {_bound_text(bounds, mode)}"
@@ -463,7 +541,8 @@ def run_item(arch: str, built: Built, batch: int, dtype_name: str, s: Settings, 
             if impl not in s.impls:
                 continue
             try:
-                _time_provider(row, p, mode, arch, x, y, s, samples_per_call)
+                _time_provider(row, p, mode, arch, x, y, s,
+                               batch * s.decode_tokens if mode == "decode" else samples_per_call)
             except Exception as exc:
                 row["correct"] = False
                 row["note"] = _error_note(exc) + " (while timing)"
@@ -475,11 +554,20 @@ def run_item(arch: str, built: Built, batch: int, dtype_name: str, s: Settings, 
     return wanted
 
 
+def _decode_run(p: Provider, prompt: torch.Tensor, new_tokens: int) -> Callable[[], torch.Tensor]:
+    def run():
+        return p.module.generate(prompt, new_tokens, use_cache=True)
+    return run
+
+
 def _time_provider(row: dict, p: Provider, mode: str, arch: str, x: torch.Tensor, y: torch.Tensor, s: Settings,
                    samples_per_call: int) -> None:
     if mode == "infer":
         p.module.eval()
         run = _infer_run(p, x)
+    elif mode == "decode":
+        p.module.eval()
+        run = _decode_run(p, x, s.decode_tokens)
     else:
         p.module.train()
         run = _train_run(p, arch, x, y)
@@ -488,6 +576,13 @@ def _time_provider(row: dict, p: Provider, mode: str, arch: str, x: torch.Tensor
     timing = harness.time_call(run, s.timer, warm_s)
     row.update(timer=timing.timer, median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                samples=timing.samples, throughput=samples_per_call / (timing.median_ms * 1e-3))
+    if mode == "decode" and s.decode_tokens > 1:
+        # generate with one new token is the prefill alone: the rest of the call is G - 1 cached steps
+        prefill_run = _decode_run(p, x, 1)
+        _, prefill_s = _timed(prefill_run, x.device)
+        prefill = harness.time_call(prefill_run, s.timer, prefill_s)
+        row["prefill_ms"] = prefill.median_ms
+        row["decode_ms_per_step"] = (timing.median_ms - prefill.median_ms) / (s.decode_tokens - 1)
     if mode == "train" and p.impl != "compile":
         p.optimizer.zero_grad(set_to_none=True)
         exclude = list(p.module.parameters()) + list(p.module.buffers())
@@ -516,6 +611,12 @@ def _mib(v: int | None) -> str:
 
 
 def _err(row: Mapping[str, Any], against: str) -> str:
+    if row["mode"] == "decode":
+        equal = row[f"tokens_equal_{against}"]
+        if equal is None:
+            return "-"
+        logits = row[f"logits_err_vs_{against}"]
+        return ("tokens equal" if equal else "tokens differ") + (f", {logits:.1e}" if logits is not None else "")
     if row["mode"] == "infer":
         return report._num(row[f"logits_err_vs_{against}"], ".1e")
     loss, grad = row[f"loss_err_vs_{against}"], row[f"grad_err_vs_{against}"]
@@ -547,7 +648,8 @@ COLUMNS: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
     ("err vs fp64", lambda r: _err(r, "fp64")),
     ("err vs eager", lambda r: _err(r, "eager")),
     ("first call s", lambda r: report._num(r["first_call_s"], ".3g")),
-    ("status", lambda r: "ok" if r["correct"] else (r["note"].split(" ", 1)[0] or "FAILED")),
+    ("status", lambda r: "ok" if r["correct"] else "not run" if r["note"].startswith("not run")
+     else (r["note"].split(" ", 1)[0] or "FAILED")),
 ]
 
 
@@ -566,6 +668,12 @@ def notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         text = r["note"]
         if r["compile_s"] is not None:
             text = f"first call {r['compile_s']:.1f} s, compilation included" + (f"; {text}" if text else "")
+        if r["decode_ms_per_step"] is not None:
+            text = (f"{r['decode_tokens']} tokens: prefill (generate with 1 token) {report._ms(r['prefill_ms'])} ms, "
+                    f"{report._ms(r['decode_ms_per_step'])} ms per cached decode step "
+                    f"({r['batch'] * 1e3 / r['decode_ms_per_step']:.4g} tokens/s)" if r["decode_ms_per_step"] > 0 else
+                    f"{r['decode_tokens']} tokens: prefill {report._ms(r['prefill_ms'])} ms, decode steps below "
+                    "the timer's resolution") + (f"; {text}" if text else "")
         if text:
             out.append(f"- {r['arch']} N={r['batch']} {r['dtype']} {r['mode']} {r['impl']}: {text}")
     return out
@@ -575,10 +683,18 @@ def header_lines(env: Mapping[str, Any], s: Settings) -> list[str]:
     arch = f" ({env['arch']})" if env.get("arch") else ""
     if s.device == "cpu":
         timer = (f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={s.timer.min_run_time} s) "
-                 f"(one call when a warm call takes over {harness.SLOW_CALL_S:g} s)")
+                 f"({s.timer.slow_calls} calls timed one by one when a warm call takes over "
+                 f"{harness.SLOW_CALL_S:g} s)")
     else:
         timer = f"triton.testing.do_bench(warmup={s.timer.warmup_ms} ms, rep={s.timer.rep_ms} ms, L2 flushed)"
     tf32 = " (TF32 on: fp32 held to the fp16 bound)" if _tf32_enabled(s.device) else ""
+    decode = []
+    if "decode" in s.modes:
+        decode = [f"decode (language models) = greedy model.generate(prompt [B, L], G = {s.decode_tokens} new tokens, "
+                  "KV cache): prefill + G-1 cached steps, throughput = B*G generated tokens / median; per step = "
+                  "(median(G) - median(generate with 1 token)) / (G-1); checked: generated tokens equal the eager "
+                  "twin's exactly and the eager twin's equal float64's (else the others are compared with eager "
+                  "only), plus the last step's logits (hook on the head) with the infer bound; torch.compile not run"]
     return [
         f"fusekit-bench model on {env['device']}{arch}, {env['threads']} threads, {env['timestamp']}",
         f"torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | fusekit {env['fusekit']} "
@@ -588,6 +704,7 @@ def header_lines(env: Mapping[str, Any], s: Settings) -> list[str]:
         f"checked before timing: logits (infer) or loss / gradients (train) vs the eager twin in float64 (first "
         f"{CHECK_BATCH} samples at most) and in the same dtype; norm-wise relative error bound "
         f"{MODEL_BOUND_FACTOR:g}x the tolerance table's rtol{tf32}; 'vs X' = X's median / this row's median",
+        *decode,
         f"memory: {MEMORY_DESCRIPTION[s.device]}; saved = activation bytes autograd saves for backward "
         "(parameters and buffers left out)",
     ]
@@ -613,12 +730,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--dtype", nargs="+", choices=[d for d in harness.DTYPES if d != "fp64"],
                    help="default: fp32 on CPU, fp32 bf16 on CUDA")
-    p.add_argument("--mode", nargs="+", choices=list(MODES), help="default: infer train (always run in that order)")
+    p.add_argument("--mode", nargs="+", choices=list(MODES),
+                   help="default: infer train decode (always run in that order; decode for language models only)")
+    p.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS, metavar="G",
+                   help=f"decode: new tokens generated per sequence (default {DEFAULT_DECODE_TOKENS})")
     p.add_argument("--impl", nargs="+", choices=list(IMPLS), help="providers (default: fusekit eager compile); "
                    "the eager twin always runs for the check")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last weights and inputs for image models (default: on)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch.get_num_threads())")
+    p.add_argument("--slow-calls", type=int, default=3, metavar="N",
+                   help="CPU: calls timed one by one (median, p20/p80) when a warm call takes over "
+                        f"{harness.SLOW_CALL_S:g} s (default 3)")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list (rewritten after every item)")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV (rewritten after every item)")
     p.add_argument("--markdown", metavar="PATH", help="write the header, the table and its notes as markdown")
@@ -668,19 +791,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--device cuda: CUDA is not available on this machine")
     if args.batch and min(args.batch) < 1:
         parser.error("--batch: batch sizes must be >= 1")
+    if args.decode_tokens < 1:
+        parser.error("--decode-tokens: must be >= 1")
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     modes = [m for m in MODES if m in (args.mode or MODES)]
     impls = [i for i in IMPLS if i in (args.impl or IMPLS)]
     s = Settings(args.size, device, impls, modes, args.channels_last,
-                 harness.TimerSettings(device, threads, args.min_run_time, args.warmup_ms, args.rep_ms, "do_bench"),
-                 args.seed)
+                 harness.TimerSettings(device, threads, args.min_run_time, args.warmup_ms, args.rep_ms, "do_bench",
+                                       args.slow_calls),
+                 args.seed, args.decode_tokens)
     archs = args.arch or list(models.ARCHS)
     dtypes = args.dtype or DEFAULT_DTYPES[device]
 
     env = harness.environment(device, threads)
     lines = header_lines(env, s)
     print("\n".join(lines))
+    no_decode = [a for a in archs if "decode" in modes and "decode" not in arch_modes(a, modes)]
+    if args.mode and no_decode:
+        print(f"note: decode applies to language models only; not run for {', '.join(no_decode)}")
+    archs = [a for a in archs if arch_modes(a, modes)]
+    if not archs:
+        print("note: no requested mode applies to the requested archs: nothing to run")
     sys.stdout.flush()
     rows: list[dict] = []
     start = time.monotonic()
@@ -694,7 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 if built is None:
                     built = build_models(arch, args.size, args.seed)
-                print(f"\n{arch} ({args.size}) N={batch} {dtype}: {' '.join(modes)}", file=sys.stderr)
+                print(f"\n{arch} ({args.size}) N={batch} {dtype}: {' '.join(arch_modes(arch, modes))}",
+                      file=sys.stderr)
                 item_rows = run_item(arch, built, batch, dtype, s, env)
                 rows += item_rows
                 print("\n" + "\n".join(markdown_rows(item_rows) + notes(item_rows)))
