@@ -131,9 +131,14 @@ def test_compiled_fullgraph_training_step_matches_eager_twin(twins):
     torch._dynamo.reset()
 
 
-def test_exported_eval_program_matches_eager(twins):
-    # the language model is exported without a cache: forward(tokens)
-    program = torch.export.export(copy.deepcopy(twins.fused).eval(), (twins.inputs,))
+@pytest.mark.parametrize("grad_enabled", [False, True], ids=["no_grad", "grad"])
+def test_exported_eval_program_matches_eager_and_calls_fusekit_ops(twins, grad_enabled):
+    # the language model is exported without a cache: forward(tokens). Under no_grad the fused
+    # inverted-residual blocks export their folded inference kernel, with grad their training op.
+    with torch.set_grad_enabled(grad_enabled):
+        program = torch.export.export(copy.deepcopy(twins.fused).eval(), (twins.inputs,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert any(t.startswith("fusekit.") for t in targets), f"{twins.arch}: no fusekit op in the exported graph"
     with torch.no_grad():
         logits = program.module()(twins.inputs)
     assert_model_close(logits, twins.eager_logits(), f"{twins.arch} exported program logits")
