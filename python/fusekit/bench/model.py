@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from .. import models
+from ..testing.tolerances import relative_error, tolerance
 from . import harness, report
 from .inverted_residual import saved_for_backward
 
@@ -91,7 +92,6 @@ _STATUS_KB = ("VmRSS", "VmHWM")
 
 def model_bounds(dtype: torch.dtype, device: str) -> tuple[float, float]:
     """(forward bound for logits and loss, backward bound for gradients), see MODEL_BOUND_FACTOR."""
-    from fusekit.testing.tolerances import tolerance
     table_dtype = torch.float16 if dtype == torch.float32 and _tf32_enabled(device) else dtype
     return (MODEL_BOUND_FACTOR * tolerance(table_dtype, "forward")[1],
             MODEL_BOUND_FACTOR * tolerance(table_dtype, "backward")[1])
@@ -99,18 +99,6 @@ def model_bounds(dtype: torch.dtype, device: str) -> tuple[float, float]:
 
 def _tf32_enabled(device: str) -> bool:
     return device == "cuda" and (torch.backends.cudnn.allow_tf32 or torch.get_float32_matmul_precision() != "highest")
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|out - ref| / max|ref| (NaN when out has NaNs, so that no bound passes it)."""
-    if out.shape != ref.shape:
-        raise ValueError(f"shape {tuple(out.shape)} != reference shape {tuple(ref.shape)}")
-    out, ref = out.detach().double(), ref.detach().double().to(out.device)
-    scale = max(float(ref.abs().max()), 1e-30) if ref.numel() else 1.0
-    diff = (out - ref).abs()
-    if not bool(torch.isfinite(diff).all()):
-        return float("nan")
-    return float(diff.max()) / scale if diff.numel() else 0.0
 
 
 def gradient_error(grads: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) -> float:
