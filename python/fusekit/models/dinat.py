@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.inverted_residual import DropPath  # timm's per-sample stochastic depth
+
 __all__ = ["ConvDownsampler", "ConvTokenizer", "DiNAT", "NATransformerLayer", "NeighborhoodAttention2D", "dinat",
            "neighborhood_mask_and_rpb_index"]
 
@@ -121,23 +123,6 @@ class NeighborhoodAttention2D(nn.Module):
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
                 f"dilation={self.dilation}, rel_pos_bias={self.rpb is not None}")
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: zero a sample's residual branch with probability p (rescaled by 1 / (1 - p))."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class ConvTokenizer(nn.Module):

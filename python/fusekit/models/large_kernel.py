@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..nn.depthwise import DepthwiseConv2d
 from ..nn.depthwise import InceptionDWConv2d as FusedInceptionDWConv2d
+from ..nn.inverted_residual import DropPath  # timm's per-sample stochastic depth
 from ..nn.reparam import reparameterize_large_kernel_conv
 
 __all__ = [
@@ -61,24 +62,6 @@ def _trunc_normal_init(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a whole sample's residual branch with probability ``drop_prob``."""
-
-    def __init__(self, drop_prob: float = 0.0) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 def _drop_path(rate: float) -> nn.Module:
